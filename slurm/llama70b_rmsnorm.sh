@@ -1,0 +1,14 @@
+#!/bin/bash
+# The paper's LLaMA 70B RMSNorm run: 128 nodes x 8 GPUs. Usage: sbatch slurm/llama70b_rmsnorm.sh [hydra overrides]
+#SBATCH --job-name=llama70b_rmsnorm
+#SBATCH --nodes=128
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@900
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+# sbatch runs a copy of this file: the launcher is found beside the submitted original
+exec bash "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/launch.sh" experiment=llama70b_rmsnorm "$@"
