@@ -94,7 +94,8 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    interval: int = 10
+    interval: int = 10  # steps between metrics records (metrics.jsonl, W&B)
+    console_interval: int = 10  # steps between progress lines on rank 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -194,7 +195,7 @@ def load_config(overrides: list[str] = (), config_name: str = "train") -> DictCo
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"{e}".strip()) from None
+        raise ConfigError(str(e).split("Config search path")[0].strip()) from None
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     validate(cfg)
     return cfg

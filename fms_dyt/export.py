@@ -1,0 +1,110 @@
+"""``python -m fms_dyt.export SOURCE OUT [--format llama|fms_dyt] [hydra overrides]``
+
+SOURCE is a training run or checkpoint directory, a Hugging Face LLaMA directory, or ``init`` (a
+freshly initialised model from the overrides, e.g. ``model=tiny norm=dyt``). Formats:
+
+- ``llama``: a plain ``LlamaForCausalLM`` directory, loadable without custom code. Only RMSNorm
+  models without the embedding scalar can be expressed this way.
+- ``fms_dyt``: weights plus fms-dyt's model code, loadable anywhere with
+  ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)``, for any norm.
+
+The default is ``llama`` when the model allows it, else ``fms_dyt``. The tokenizer is written
+beside the weights when one is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from fms_dyt import hf
+from fms_dyt.config import ConfigError, load_config, model_args, norm_args
+
+# Files that make an exported directory self-contained (they import each other relatively).
+_MODEL_CODE = ("hf.py", "model.py", "norms.py", "ops.py")
+
+
+def load_source(source: str, overrides: list[str]):
+    """(Transformer, tokenizer or None) from a checkpoint, a Hugging Face directory or ``init``."""
+    from fms_dyt.checkpoint import load_for_inference
+    from fms_dyt.model import Transformer
+
+    if source == "init":
+        cfg = load_config(overrides)
+        model = Transformer(model_args(cfg), norm_args(cfg))
+        model.init_weights(cfg.seed)
+        return model, _tokenizer(cfg)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"SOURCE {source!r} does not exist (give a run dir, checkpoint, HF directory or `init`)")
+    wrapped, cfg, _ = load_for_inference(path)
+    if cfg is not None:
+        tokenizer = _tokenizer(cfg)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None
+    return wrapped.model, tokenizer
+
+
+def _tokenizer(cfg):
+    from fms_dyt.data import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer)
+
+
+def export(model, out: Path, fmt: str | None = None, tokenizer=None) -> str:
+    """Write ``model`` (an fms-dyt Transformer) to ``out``; returns the format used."""
+    args, norm = model.args, model.norm_args
+    expressible = norm.kind == "rmsnorm" and not norm.embedding_scale
+    fmt = fmt or ("llama" if expressible else "fms_dyt")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if fmt == "llama":
+        from transformers import LlamaForCausalLM
+
+        llama = LlamaForCausalLM(hf.llama_config(args, norm))
+        llama.load_state_dict(hf.to_llama_state_dict(state))
+        llama.save_pretrained(out)
+    else:
+        wrapped = hf.FmsDytForCausalLM(hf.FmsDytConfig.from_args(args, norm))
+        wrapped.model.load_state_dict(state)
+        wrapped.config.auto_map = {
+            "AutoConfig": "hf.FmsDytConfig",
+            "AutoModelForCausalLM": "hf.FmsDytForCausalLM",
+        }
+        wrapped.save_pretrained(out)
+        for name in _MODEL_CODE:
+            shutil.copy(Path(hf.__file__).with_name(name), out / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return fmt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fms_dyt.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run dir, checkpoints/step_<N>, Hugging Face LLaMA dir, or `init`")
+    parser.add_argument("out", type=Path, help="output directory")
+    parser.add_argument("--format", choices=("llama", "fms_dyt"), default=None)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (for SOURCE=init)")
+    ns = parser.parse_intermixed_args(argv)
+    try:
+        model, tokenizer = load_source(ns.source, ns.overrides)
+        fmt = export(model, ns.out, ns.format, tokenizer)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"fms_dyt.export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {ns.source} as {fmt} to {ns.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

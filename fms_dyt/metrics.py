@@ -1,0 +1,141 @@
+"""Training metrics: FLOPs per token, MFU, ``metrics.jsonl``, Weights & Biases and the console line.
+
+FLOPs follow PaLM's convention: 6·N + 12·L·d·T per token, N the weights that take part in matrix
+multiplies (attention, FFN and the output head; not the embedding lookup, norms or scalars),
+L layers, d width, T sequence length (the attention scores and their use).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from fms_dyt.model import ModelArgs
+
+log = logging.getLogger("fms_dyt")
+
+# Dense bf16 peak per device, FLOP/s. Other devices: set parallel.peak_tflops.
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12}
+
+
+def matmul_params(args: ModelArgs) -> int:
+    hd = args.head_dim
+    attention = args.dim * hd * (2 * args.n_heads + 2 * args.kv_heads)
+    ffn = 3 * args.dim * args.ffn_dim
+    return args.n_layers * (attention + ffn) + args.dim * args.vocab_size
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Training FLOPs (forward + backward) per token."""
+    return 6 * matmul_params(args) + 12 * args.n_layers * args.dim * seq_len
+
+
+def peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+class MetricsLogger:
+    """Rank 0 writes ``<run_dir>/metrics.jsonl`` and W&B; W&B trouble never stops training."""
+
+    def __init__(self, run_dir: str, cfg, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        if enabled:
+            self.wandb = _start_wandb(Path(run_dir), cfg)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            try:
+                self.wandb.log(values, step=step)
+            except Exception as e:  # a W&B hiccup must not cost a training run
+                log.warning("W&B logging failed (%s); continuing without W&B", e)
+                self.wandb = None
+
+    def finish(self) -> str | None:
+        """Close the W&B run; returns where it was written."""
+        if self.wandb is None:
+            return None
+        where = self.wandb.dir
+        try:
+            self.wandb.finish()
+        except Exception as e:
+            log.warning("W&B finish failed: %s", e)
+        return where
+
+
+def _start_wandb(run_dir: Path, cfg):
+    mode = cfg.logging.wandb.mode
+    if mode == "disabled":
+        return None
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    id_file = run_dir / "wandb_id"
+    try:
+        import wandb
+        from omegaconf import OmegaConf
+
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        return wandb.init(
+            project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity,
+            name=cfg.logging.wandb.name or cfg.name, id=run_id, resume="allow", mode=mode,
+            dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb.Settings(init_timeout=90, console="off", silent=True),
+        )
+    except Exception as e:
+        log.warning("W&B could not start in %s mode (%s); metrics go to metrics.jsonl only", mode, e)
+        return None
+
+
+def norm_scalars(model: torch.nn.Module) -> dict[str, float]:
+    """α of every DyT layer by site and depth, and the embedding scalar (empty for RMSNorm)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".alpha") or name == "embedding_scale":
+            value = p.full_tensor() if hasattr(p, "full_tensor") else p
+            key = {"attention_norm": "alpha/attn", "ffn_norm": "alpha/ffn"}
+            parts = name.split(".")
+            if name == "embedding_scale":
+                out["embedding_scale"] = value.item()
+            elif parts[0] == "norm":
+                out["alpha/final"] = value.item()
+            else:
+                out[f"{key[parts[2]]}/{parts[1]}"] = value.item()
+    return out
+
+
+class Throughput:
+    """Tokens per second and MFU over the steps since the last call."""
+
+    def __init__(self, flops_per_token: int, peak: float | None, world_size: int):
+        self.flops_per_token, self.peak, self.world = flops_per_token, peak, world_size
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> dict:
+        dt = time.perf_counter() - self.t0
+        tps = self.tokens / dt if dt > 0 else 0.0
+        mfu = tps * self.flops_per_token / (self.peak * self.world) if self.peak else None
+        self.t0, self.tokens = time.perf_counter(), 0
+        return {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world, "mfu": mfu}
