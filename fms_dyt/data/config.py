@@ -6,7 +6,7 @@ Plain dataclasses with defaults: Hydra fills them from ``configs/data/*.yaml`` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
 SOURCES = ("sample", "local", "pile")
@@ -32,7 +32,8 @@ class DataConfig:
     num_logical_shards: int = 4096
     # Mixture by meta.pile_set_name: expected copies of each document of that subset per epoch
     # (0 drops the subset, 0.5 keeps a different half each epoch, 2 repeats it). Unlisted: 1.
-    weights: Optional[Dict[str, float]] = None
+    # On the command line: +data.weights.Github=0.5 or '++data.weights={Github: 0.5, Pile-CC: 2}'.
+    weights: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
