@@ -1,0 +1,50 @@
+"""``python eval/prefetch.py``: download the zero-shot tasks' data into the Hugging Face cache.
+
+Run it on a machine with network access. It builds every task exactly as ``eval/zero_shot.py``
+does (same task definitions, fms-dyt's ``record`` included), which downloads and prepares each
+dataset. Then copy the Hugging Face cache (``~/.cache/huggingface``, or ``$HF_HOME``) to the
+machines without network, where ``eval/zero_shot.py`` reads it offline. No model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zero_shot  # noqa: E402  (this folder is not a package)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python eval/prefetch.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=zero_shot.DEFAULT_TASKS, metavar="TASK",
+                   help="lm-eval task names, space or comma separated (default: the paper's 15)")
+    p.add_argument("--include-path", action="append", type=Path, default=[], metavar="DIR",
+                   help="folder of extra lm-eval task YAMLs (repeatable), as for zero_shot.py")
+    args = p.parse_args(argv)
+    tasks = [t for item in args.tasks for t in item.split(",") if t]
+    zero_shot._setup_logging()
+    log = logging.getLogger("fms_dyt.eval")
+    try:
+        manager = zero_shot.task_manager(tasks, args.include_path)
+        zero_shot.check_task_names(manager, tasks)
+        loaded = zero_shot.load_tasks(manager, tasks, args.include_path, progress=log.info)
+    except zero_shot.EvalError as e:
+        print(f"prefetch.py: error: {e}", file=sys.stderr)
+        return zero_shot.EXIT_USAGE
+    for name, task in loaded.items():
+        docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+        log.info("  %-16s %6d documents", name, len(docs))
+    from datasets import config
+
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    log.info("cached in %s (datasets: %s); copy that folder to offline machines", home, config.HF_DATASETS_CACHE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
