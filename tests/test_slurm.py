@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import fms_dyt.config  # noqa: F401  (registers the config schema train.yaml builds on)
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / ".ci" / "slurm_cluster.sh"
 SCRIPT = "slurm/llama7b_dyt.sh"
@@ -35,6 +37,61 @@ TINY = [
 ]
 # how the tests submit: the options of the issue's command, a log file outside the checkout
 SBATCH = ["sbatch", "--parsable", "--nodes=2", "--gres=gpu:1", "--ntasks-per-node=1", "-p", "debug"]
+
+
+# The paper's runs (Table 4): nodes x 8 GPUs, and the stop signal's lead on the time limit.
+PAPER_NODES = {"7b": 64, "13b": 64, "34b": 128, "70b": 128}
+RUNS = [f"llama{size}_{norm}" for size in PAPER_NODES for norm in ("dyt", "rmsnorm")]
+
+
+def sbatch_options(script: Path) -> dict:
+    """The '#SBATCH --key[=value]' lines of a script as {key: value or True}."""
+    options = {}
+    for line in script.read_text().splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line.removeprefix("#SBATCH --").partition("=")
+            options[key.strip()] = value.strip() or True
+    return options
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_sbatch_lines_match_the_paper(run):
+    script = ROOT / "slurm" / f"{run}.sh"
+    options = sbatch_options(script)
+    size = run.split("_")[0].removeprefix("llama")
+    assert options["job-name"] == run
+    assert options["nodes"] == str(PAPER_NODES[size])
+    assert options["gres"] == "gpu:8"
+    assert options["ntasks-per-node"] == "1"
+    for flag in ("exclusive", "requeue"):
+        assert options[flag] is True, flag
+    assert options["open-mode"] == "append"
+    assert re.fullmatch(r"\d+:\d\d:\d\d", options["time"])
+    assert re.fullmatch(r"B:USR1@\d+", options["signal"])
+    # the logic lives in the shared launcher; each script only names its experiment
+    body = [line for line in script.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(body) <= 3, body
+    assert f"launch.sh\" experiment={run} \"$@\"" in body[-1]
+    assert (ROOT / "configs" / "experiment" / f"{run}.yaml").exists()
+
+
+def test_alpha0_sweep_launcher_composes(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = ["hydra/launcher=submitit_slurm", "+hydra/slurm=alpha0",
+                 "experiment=llama7b_dyt", "norm.alpha_attn=0.4"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 8, 8)
+    assert launcher.additional_parameters.requeue is True
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 300
+    assert cfg.norm.alpha_attn == 0.4 and cfg.model.dim == 4096
+    # each swept value trains in a run directory of its own, the same after a requeue
+    HydraConfig.instance().set_config(cfg)
+    assert cfg.run_dir == "runs/sweeps/llama7b_dyt/experiment=llama7b_dyt,norm.alpha_attn=0.4"
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +159,14 @@ def complete_checkpoints(run_dir: Path) -> dict:
         for d in ckpt.glob("step_*")
         if (d / "meta.json").exists()
     }
+
+
+def test_sbatch_accepts_all_eight_scripts(slurm):
+    # the node count is the only line this 2-node cluster cannot grant
+    for run in RUNS:
+        proc = subprocess.run(["sbatch", "--test-only", "--nodes=2", "-p", "debug", f"slurm/{run}.sh"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "to start at" in proc.stderr, (run, proc.stderr)
 
 
 def test_two_node_job_completes(slurm, tmp_path):
