@@ -143,13 +143,15 @@ up() {
     down
     # the emulated node names must resolve (torchrun's rendezvous host is the first node)
     if ! getent hosts node1 >/dev/null; then
-      echo "127.0.0.1 $(seq -f 'node%g' -s ' ' "$NODES")" >> /etc/hosts
+      echo "127.0.0.1 $(seq -f 'node%g' -s ' ' "$NODES")" >> /etc/hosts \
+        || unavailable "cannot add node1..node$NODES to /etc/hosts"
     fi
     rm -f "$GRES_CONF"
     if [ "$GPUS" -gt 0 ]; then
       mkdir -p "$FAKE_GPU_DIR"      # Slurm only accepts device files as GPUs: alias /dev/null (1,3)
       for i in $(seq 0 $((GPUS - 1))); do
-        [ -c "$FAKE_GPU_DIR/gpu$i" ] || mknod "$FAKE_GPU_DIR/gpu$i" c 1 3
+        [ -c "$FAKE_GPU_DIR/gpu$i" ] || mknod "$FAKE_GPU_DIR/gpu$i" c 1 3 \
+          || unavailable "cannot create the fake GPU device $FAKE_GPU_DIR/gpu$i"
       done
       echo "NodeName=node[1-$NODES] Name=gpu File=$FAKE_GPU_DIR/gpu[0-$((GPUS - 1))]" > "$GRES_CONF"
     fi
