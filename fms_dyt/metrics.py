@@ -50,12 +50,21 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
 class MetricsLogger:
     """Rank 0 writes ``<run_dir>/metrics.jsonl`` and W&B; W&B trouble never stops training."""
 
-    def __init__(self, run_dir: str, cfg, enabled: bool):
+    def __init__(self, run_dir: str, cfg, enabled: bool, resumed_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
         if enabled:
+            self._drop_after(resumed_step)
             self.wandb = _start_wandb(Path(run_dir), cfg)
+
+    def _drop_after(self, step: int) -> None:
+        """Records past the checkpoint a run resumes from are logged again: keep one copy."""
+        if self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+            if len(kept) != len(lines):
+                self.path.write_text("".join(kept))
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -80,6 +89,13 @@ class MetricsLogger:
         except Exception as e:
             log.warning("W&B finish failed: %s", e)
         return where
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):  # a line cut short when the job was killed
+        return None
 
 
 def _start_wandb(run_dir: Path, cfg):

@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, validate
-from fms_dyt.data import build_dataloader
 from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.optim import build_optimizer, lr_at
@@ -69,7 +68,8 @@ class StopRequest:
         return bool(flag.item())
 
 
-def train(cfg) -> int:
+def train(cfg, data=None) -> int:
+    """Train to ``train.max_steps``; ``data`` replaces the configured loader (same interface)."""
     validate(cfg)
     d = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     total_steps, accum = schedule(cfg, d.world_size)
@@ -93,9 +93,12 @@ def train(cfg) -> int:
     apply_parallelism(model, cfg.parallel, mesh)
     materialize(model, d.device, cfg.seed)
     optimizer = build_optimizer(model, cfg.optim)
-    data = build_dataloader(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len,
-                            micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
-                            rank=d.rank, world_size=d.world_size)
+    if data is None:
+        from fms_dyt.data import build_dataloader
+
+        data = build_dataloader(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len,
+                                micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
+                                rank=d.rank, world_size=d.world_size)
 
     ckpt = Checkpointer(str(run_dir), cfg, d.rank, d.world_size)
     ckpt.clean_partial()
@@ -109,7 +112,7 @@ def train(cfg) -> int:
             log.info("resumed from %s (step %d, %s tokens, saved on %d ranks)",
                      existing[-1], step, f"{tokens_seen:,}", meta["world_size"])
 
-    metrics = MetricsLogger(str(run_dir), cfg, enabled=d.is_main)
+    metrics = MetricsLogger(str(run_dir), cfg, enabled=d.is_main, resumed_step=step)
     meter = Throughput(flops_per_token(args, cfg.train.seq_len), peak_flops(d.device, cfg.parallel.peak_tflops), d.world_size)
     stop = StopRequest()
     batches = iter(data)

@@ -1,0 +1,69 @@
+"""fms_dyt.export: plain LLaMA and self-contained fms_dyt directories, logits equal across conversions."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from fms_dyt.checkpoint import load_for_inference
+from fms_dyt.export import main as export_main
+
+TOKENS = torch.randint(0, 32000, (2, 21), generator=torch.Generator().manual_seed(0))
+GQA_RMS = ["model=tiny", "norm=rmsnorm", "model.n_heads=4", "model.n_kv_heads=2", "seed=7"]
+
+# Loads an exported directory in a fresh interpreter where `import fms_dyt` is impossible.
+NO_FMS = """
+import sys, importlib.abc, torch
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "fms_dyt" or name.startswith("fms_dyt."):
+            raise ImportError("fms_dyt is not installed here")
+sys.meta_path.insert(0, Block())
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert "fms_dyt" not in sys.modules
+tokens = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(m(tokens).logits, sys.argv[3])
+"""
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def test_gqa_rmsnorm_llama_then_fms_dyt_same_logits(tmp_path):
+    llama_dir, fms_dir = tmp_path / "llama", tmp_path / "fms"
+    assert export_main(["init", str(llama_dir), "--format", "llama", *GQA_RMS]) == 0
+    assert "auto_map" not in json.loads((llama_dir / "config.json").read_text())
+    llama = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    assert llama.config.num_key_value_heads == 2
+    # Re-export the plain LLaMA directory (the Hugging Face import path) as fms_dyt.
+    assert export_main([str(llama_dir), str(fms_dir), "--format", "fms_dyt"]) == 0
+    remote = AutoModelForCausalLM.from_pretrained(fms_dir, trust_remote_code=True).eval()
+    reference = _logits(llama)
+    assert torch.allclose(_logits(remote), reference, atol=1e-4, rtol=0)
+    imported, _, _ = load_for_inference(llama_dir)
+    assert torch.allclose(_logits(imported), reference, atol=1e-4, rtol=0)
+    assert (fms_dir / "tokenizer.model").is_file() or (fms_dir / "tokenizer.json").is_file()
+
+
+def test_dyt_export_loads_without_fms_dyt_installed(tmp_path):
+    out = tmp_path / "dyt"
+    assert export_main(["init", str(out), "model=tiny", "norm=dyt", "seed=3"]) == 0
+    ours, _, _ = load_for_inference(out)
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    subprocess.run([sys.executable, "-c", NO_FMS, str(out), str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
+                   check=True, cwd=tmp_path)
+    theirs = torch.load(tmp_path / "logits.pt")
+    assert torch.allclose(_logits(ours), theirs, atol=1e-4, rtol=0)
+    assert ours.model.embedding_scale is not None
+
+
+def test_llama_format_refused_for_dyt(tmp_path, capsys):
+    assert export_main(["init", str(tmp_path / "x"), "--format", "llama", "norm=dyt"]) == 2
+    assert "--format fms_dyt" in capsys.readouterr().err
