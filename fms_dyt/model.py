@@ -122,6 +122,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [batch, seq, vocab] for token ids [batch, seq]."""
+        if self.rope.device != tokens.device or self.rope.numel() == 0:
+            # Built on the meta device by a loader that never called init_buffers (e.g. from_pretrained).
+            self.init_buffers(tokens.device)
         if tokens.shape[1] > self.rope.shape[1]:
             raise ValueError(
                 f"sequence of {tokens.shape[1]} tokens is longer than model.max_seq_len="
