@@ -1,0 +1,419 @@
+"""The training data loader: read, shuffle, tokenize and pack documents into windows, with a small
+state that resumes bit for bit and rescales to another world size (see ``state.py``).
+
+Each DataLoader worker runs one ``Reader``. Documents are wrapped as ``BOS doc EOS``, and the
+stream is cut into windows of ``seq_len + 1`` tokens (documents cross window borders); a batch
+is ``micro_batch_size`` consecutive windows of one worker, split into inputs ``w[:, :-1]`` and
+targets ``w[:, 1:]``. With each batch a worker sends its state after that batch; the loader keeps
+the latest one per worker and which worker comes next, so ``state_dict()`` describes exactly the
+batches already handed to the trainer, however far the workers have read ahead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fms_dyt.data.config import DataConfig, TokenizerConfig, as_config
+from fms_dyt.data.sources import ShardError, Source, make_source
+from fms_dyt.data.state import (END, VERSION, Layout, copies, decode_table, doc_key, encode_table,
+                                fresh_reader_state, pieces_per_file, redistribute, slot)
+from fms_dyt.data.tokenizer import TextEncoder
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("documents", "tokens", "skipped_rows", "skipped_files")
+_TOKENIZE_AHEAD = 16  # documents encoded per tokenizer call
+_LOGGED_ROWS = 100  # bad rows logged at WARNING per reader; the rest at DEBUG (all are counted)
+_MAX_EMPTY_EPOCHS = 8
+
+
+@dataclass
+class Plan:
+    """What every reader of a run shares (sent to the DataLoader workers)."""
+
+    source: Source
+    k: int  # pieces per file
+    seed: int
+    readers: int  # world_size * workers
+    workers: int  # readers per rank
+    rank: int
+    weights: dict
+    block: int  # documents shuffled together
+    seq_len: int
+    micro_batch_size: int
+    tokenizer: TokenizerConfig
+    trace: bool = False  # also report which document every token came from (scan, tests)
+
+
+class _Doc:
+    __slots__ = ("key", "f", "row", "copy", "text", "subset", "tokens")
+
+    def __init__(self, key, f, row, copy, text, subset):
+        self.key, self.f, self.row, self.copy, self.text, self.subset = key, f, row, copy, text, subset
+        self.tokens = None
+
+
+class Reader:
+    """One reader's infinite stream of packed batches, from a reader state (see ``state.py``)."""
+
+    def __init__(self, plan: Plan, reader: int, state: dict):
+        self.p, self.r = plan, reader
+        self.encoder = TextEncoder(plan.tokenizer)
+        self.prefix = [self.encoder.bos_id] if plan.tokenizer.add_bos else []
+        self.suffix = [self.encoder.eos_id] if plan.tokenizer.add_eos else []
+        self.stats = {key: 0 for key in COUNTERS} | state["stats"]
+        self.future = {int(e): v for e, v in state["epochs"].items()}
+        self.events: list = []
+        self.logged_rows = 0
+        self.empty_epochs = 0
+        self._start_epoch(state["epoch"], state["tau"])
+
+    # ---- layout and state of one epoch
+    def _start_epoch(self, epoch: int, tau: int = -1) -> None:
+        K = self.p.k
+        self.epoch = epoch
+        order = Layout(len(self.p.source.names), K, self.p.seed, epoch, self.p.readers).pieces_of(self.r)
+        self.first_slot_files = set((order[order % K == 0] // K).tolist())
+        self.files = list(dict.fromkeys((order // K).tolist()))  # in reading order
+        ordinal = {f: j for j, f in enumerate(self.files)}
+        self.pieces = np.sort(order)
+        self.file_ord = np.array([ordinal[f] for f in (self.pieces // K).tolist()], dtype=np.int64)
+        entry = self.future.pop(epoch, None) or {"pieces": [], "partials": []}
+        self.block_start, self.block_end, self.block_tau = decode_table(entry["pieces"], self.pieces)
+        self.partials = {(p, row, c): off for p, row, c, off in entry["partials"]}
+        self.base = self.block_end  # the stream goes on where the saved block ended
+        self.tau, self.cur_off, self.rle = tau, 0, None
+        self.pos = (0, 0)  # (file ordinal, next row) of the stream
+        self.tokens_in_epoch = 0
+        self.block = self._rebuild() if (self.block_start < self.block_end).any() else []
+        self.emit = 0
+        self.stream = self._stream()
+
+    def _file_range(self, f: int) -> tuple[int, int]:
+        K = self.p.k
+        return int(np.searchsorted(self.pieces, f * K)), int(np.searchsorted(self.pieces, (f + 1) * K))
+
+    def _cursors(self) -> np.ndarray:
+        j, i = self.pos
+        return np.where(self.file_ord < j, END, np.where(self.file_ord == j, np.maximum(self.base, i), self.base))
+
+    def _docs(self, f: int, row: int, text: str, subset: str) -> list:
+        p = self.p
+        n = copies(p.seed, self.epoch, f, row, p.weights.get(subset, 1.0)) if p.weights else 1
+        return [_Doc(doc_key(p.seed, self.epoch, f, row, c), f, row, c, text, subset) for c in range(n)]
+
+    def _rebuild(self) -> list:
+        """The saved block's documents not emitted yet, in emission order (read again quietly:
+        their bad rows were counted when first read)."""
+        K = self.p.k
+        threshold = np.maximum(self.block_tau, self.tau)
+        pending = self.block_start < self.block_end
+        docs = []
+        for f in self.files:
+            a, b = self._file_range(f)
+            sel = np.arange(a, b)[pending[a:b]]
+            if not len(sel):
+                continue
+            lo, hi, th = [None] * K, [0] * K, [0] * K
+            for i in sel.tolist():
+                k = int(self.pieces[i]) - f * K
+                lo[k], hi[k], th[k] = int(self.block_start[i]), int(self.block_end[i]), int(threshold[i])
+            stop = int(self.block_end[sel].max())
+
+            def want(row, lo=lo, hi=hi):
+                k = slot(row, K)
+                return lo[k] is not None and lo[k] <= row < hi[k]
+
+            try:
+                for row, text, subset in self.p.source.read(f, int(self.block_start[sel].min()), want,
+                                                            None if stop >= END else stop):
+                    if text is not None:
+                        docs += [d for d in self._docs(f, row, text, subset) if d.key > th[slot(row, K)]]
+            except ShardError as e:
+                log.debug("reader %d: %s (while restoring its block)", self.r, e)
+        docs.sort(key=lambda d: d.key)
+        return docs
+
+    def _stream(self) -> Iterator[list]:
+        """The rows of this reader's pieces from ``base`` on, as lists of documents (copies)."""
+        K = self.p.k
+        for j, f in enumerate(self.files):
+            a, b = self._file_range(f)
+            base = self.base[a:b]
+            live = base < END
+            if not live.any():
+                continue
+            lower = [None] * K
+            for p, start in zip(self.pieces[a:b][live].tolist(), base[live].tolist()):
+                lower[p - f * K] = start
+            first = int(base[live].min())
+            self.pos = (j, first)
+
+            def want(row, lower=lower):
+                x = lower[slot(row, K)]
+                return x is not None and row >= x
+
+            try:
+                for row, text, info in self.p.source.read(f, first, want):
+                    self.pos = (j, row + 1)
+                    if text is None:
+                        self._bad_row(f, row, info)
+                        continue
+                    docs = self._docs(f, row, text, info)
+                    if docs:
+                        yield docs
+            except ShardError as e:
+                self._bad_file(f, e)
+            self.pos = (j + 1, 0)
+
+    def _next_block(self) -> bool:
+        self.block_start = self._cursors()
+        docs = []
+        while len(docs) < self.p.block:
+            row_docs = next(self.stream, None)
+            if row_docs is None:
+                break
+            docs += row_docs
+        self.block_end = self._cursors()
+        self.block_tau = np.full(len(self.pieces), -1, dtype=np.int64)
+        self.tau, self.rle, self.emit = -1, None, 0
+        docs.sort(key=lambda d: d.key)
+        self.block = docs
+        return bool(docs)
+
+    def _next_epoch(self) -> None:
+        self.empty_epochs = self.empty_epochs + 1 if self.tokens_in_epoch == 0 else 0
+        if self.empty_epochs >= _MAX_EMPTY_EPOCHS:
+            raise RuntimeError(
+                f"data reader {self.r} (rank {self.r // self.p.workers}, worker {self.r % self.p.workers}) found no "
+                f"documents in {self.empty_epochs} epochs in a row: the data is too small to give all "
+                f"{self.p.readers} readers (ranks x data.num_workers) a share; use fewer workers or more data"
+            )
+        self._start_epoch(self.epoch + 1)
+
+    # ---- bad input: counted, logged, never fatal
+    def _bad_row(self, f: int, row: int, reason: str) -> None:
+        self.stats["skipped_rows"] += 1
+        if self.p.trace:
+            self.events.append((self.epoch, f, row, reason))
+        self.logged_rows += 1
+        level = logging.WARNING if self.logged_rows <= _LOGGED_ROWS else logging.DEBUG
+        log.log(level, "%s line %d: %s; row skipped", self.p.source.where(f), row + 1, reason)
+        if self.logged_rows == _LOGGED_ROWS:
+            log.warning("data reader %d: further bad rows are logged at DEBUG level; data/skipped_rows counts "
+                        "them all", self.r)
+
+    def _bad_file(self, f: int, error: ShardError) -> None:
+        if self.p.trace:
+            self.events.append((self.epoch, f, None, str(error)))
+        if f in self.first_slot_files:  # every reader of the file meets the damage; one counts it
+            self.stats["skipped_files"] += 1
+            log.warning("%s; the rest of this file is skipped in epoch %d", error, self.epoch)
+        else:
+            log.debug("%s (counted by another reader)", error)
+
+    # ---- emission
+    def _current(self) -> _Doc:
+        while self.emit >= len(self.block):
+            if not self._next_block():
+                self._next_epoch()
+        doc = self.block[self.emit]
+        if doc.tokens is None:
+            todo = [d for d in self.block[self.emit:self.emit + _TOKENIZE_AHEAD] if d.tokens is None]
+            for d, ids in zip(todo, self.encoder.encode([d.text for d in todo])):
+                d.tokens = np.array(self.prefix + ids + self.suffix, dtype=np.int64)
+                d.text = None
+        if self.cur_off == 0 and self.partials:
+            self.cur_off = self.partials.pop((self._piece(doc), doc.row, doc.copy), 0)
+        return doc
+
+    def _piece(self, doc: _Doc) -> int:
+        return doc.f * self.p.k + slot(doc.row, self.p.k)
+
+    def _finish(self, doc: _Doc) -> None:
+        self.tau = doc.key
+        self.block[self.emit] = None  # free its tokens
+        self.emit += 1
+        self.cur_off = 0
+
+    def batches(self) -> Iterator[tuple]:
+        """(windows [micro_batch_size, seq_len + 1], state after them, bad-input events, spans)."""
+        need = self.p.micro_batch_size * (self.p.seq_len + 1)
+        while True:
+            out = np.empty(need, dtype=np.int64)
+            n, spans = 0, []
+            while n < need:
+                doc = self._current()
+                off, length = self.cur_off, len(doc.tokens)
+                if off >= length:  # a saved offset beyond the document (another tokenizer)
+                    self._finish(doc)
+                    continue
+                take = min(length - off, need - n)
+                out[n:n + take] = doc.tokens[off:off + take]
+                if off == 0:
+                    self.stats["documents"] += 1
+                if self.p.trace:
+                    spans.append((self.epoch, doc.f, doc.row, doc.copy, off, off + take, length, doc.subset))
+                n += take
+                self.tokens_in_epoch += take
+                self.cur_off = off + take
+                if self.cur_off == length:
+                    self._finish(doc)
+            self.stats["tokens"] += need
+            events, self.events = self.events, []
+            yield out.reshape(self.p.micro_batch_size, self.p.seq_len + 1), self.snapshot(), events, spans
+
+    def snapshot(self) -> dict:
+        if self.rle is None:
+            self.rle = encode_table(self.pieces, self.block_start, self.block_end, self.block_tau)
+        partials = [[p, row, c, off] for (p, row, c), off in self.partials.items()]
+        if self.cur_off:
+            doc = self.block[self.emit]
+            partials.append([self._piece(doc), doc.row, doc.copy, self.cur_off])
+        epochs = {str(e): v for e, v in self.future.items()}
+        epochs[str(self.epoch)] = {"pieces": self.rle, "partials": partials}
+        return {"epoch": self.epoch, "tau": self.tau, "epochs": epochs, "stats": dict(self.stats)}
+
+
+class _Readers(IterableDataset):
+    """The rank's readers; DataLoader worker ``w`` plays reader ``(w + rotation) % workers``."""
+
+    def __init__(self, plan: Plan, states: list, rotation: int):
+        self.plan, self.states, self.rotation = plan, states, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.rotation) % self.plan.workers
+        reader = Reader(self.plan, self.plan.rank * self.plan.workers + logical, self.states[logical])
+        for windows, state, events, spans in reader.batches():
+            yield logical, torch.from_numpy(windows), state, events, spans
+
+
+def _as_is(item):
+    return item
+
+
+class PackedLoader:
+    """Iterable of ``(inputs, targets)`` LongTensors ``[micro_batch_size, seq_len]``, endless
+    (epoch after epoch, each in a new order), with ``state_dict``/``load_state_dict``/``stats``.
+    Build it with ``build_dataloader``."""
+
+    def __init__(self, data, tokenizer, *, seq_len: int, micro_batch_size: int, seed: int, rank: int,
+                 world_size: int, trace: bool = False):
+        data, tokenizer = as_config(data, DataConfig), as_config(tokenizer, TokenizerConfig)
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(f"train.seq_len={seq_len} and train.micro_batch_size={micro_batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        TextEncoder(tokenizer)  # fail here, not in a worker, if the tokenizer cannot load
+        source = make_source(data)
+        k = pieces_per_file(data.num_logical_shards, len(source.names))
+        workers = max(1, data.num_workers)
+        readers = world_size * workers
+        if readers > k * len(source.names):
+            raise ValueError(
+                f"{world_size} ranks x {workers} workers = {readers} readers, but the data has only "
+                f"{k * len(source.names)} logical shards ({len(source.names)} files): set data.num_logical_shards "
+                f"to at least {readers} (this starts a new data order), or use fewer workers"
+            )
+        self.data, self.world_size, self.rank, self.workers = data, world_size, rank, workers
+        self.plan = Plan(source, k, seed, readers, workers, rank, dict(data.weights or {}), max(1, data.shuffle_buffer),
+                         seq_len, micro_batch_size, tokenizer, trace)
+        self.fingerprint = hashlib.sha256(
+            json.dumps([VERSION, source.fingerprint(), k, seed]).encode()).hexdigest()[:16]
+        self._readers = [fresh_reader_state() for _ in range(workers)]
+        self._next = 0
+        self._gen = None
+        self.last_trace: Optional[tuple] = None  # (worker, events, spans) of the last batch when trace=True
+
+    def __iter__(self):
+        self.close()
+        self._gen = self._batches()
+        return self._gen
+
+    def _batches(self):
+        dataset = _Readers(self.plan, list(self._readers), rotation=self._next)
+        if self.data.num_workers == 0:
+            batches = iter(dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_as_is,
+                                      prefetch_factor=self.data.prefetch))
+        try:
+            for logical, windows, state, events, spans in batches:
+                self._readers[logical] = state
+                self._next = (logical + 1) % self.workers
+                if self.plan.trace:
+                    self.last_trace = (logical, events, spans)
+                yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown:
+                shutdown()
+
+    def close(self) -> None:
+        """Stop the worker processes of the current iteration (a new ``iter()`` restarts them)."""
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def state_dict(self) -> dict:
+        """This rank's data state after the batches handed out so far (JSON-serialisable, KBs)."""
+        return {"version": VERSION, "fingerprint": self.fingerprint, "world_size": self.world_size,
+                "num_workers": self.workers, "rank": self.rank, "next_worker": self._next,
+                "readers": list(self._readers)}
+
+    def load_state_dict(self, states) -> None:
+        """Resume from the states of ALL ranks as saved (a list, or one dict for a single rank).
+        Same world size and workers: continues bit for bit. Otherwise the logical shards move to
+        their new owners with their progress: in the current epoch no document is repeated or
+        skipped (the shuffle order of the rest differs)."""
+        states = [states] if isinstance(states, dict) else list(states)
+        for s in states:
+            if s.get("version") != VERSION:
+                raise ValueError(f"data state version {s.get('version')} is not {VERSION}; it was written by "
+                                 "another fms-dyt version")
+            if s["fingerprint"] != self.fingerprint:
+                raise ValueError(
+                    "the data state was saved for other data: the file list, data.num_logical_shards or the seed "
+                    "changed since the checkpoint. Restore them, or start the data order afresh in a new run_dir."
+                )
+        old_w, old_n = states[0]["world_size"], states[0]["num_workers"]
+        ranks = sorted(s["rank"] for s in states)
+        if ranks != list(range(old_w)) or any((s["world_size"], s["num_workers"]) != (old_w, old_n) for s in states):
+            raise ValueError(f"incomplete data state: expected the states of ranks 0..{old_w - 1} of one run, "
+                             f"got ranks {ranks}")
+        self.close()
+        if (old_w, old_n) == (self.world_size, self.workers):
+            mine = next(s for s in states if s["rank"] == self.rank)
+            self._readers, self._next = list(mine["readers"]), mine["next_worker"]
+            return
+        if self.rank == 0:
+            log.info("data: moving the logical shards of %d ranks x %d workers to %d ranks x %d workers",
+                     old_w, old_n, self.world_size, self.workers)
+        mine = [self.rank * self.workers + w for w in range(self.workers)]
+        self._readers = redistribute(states, len(self.plan.source.names), self.plan.k, self.plan.seed,
+                                     self.plan.readers, mine)
+        self._next = 0
+
+    def stats(self) -> dict:
+        """Counters of this rank for the training metrics: documents and tokens emitted, bad rows
+        and files skipped (since the run began), and the epoch of its slowest worker."""
+        out = {key: sum(r["stats"].get(key, 0) for r in self._readers) for key in COUNTERS}
+        out["epoch"] = min(r["epoch"] for r in self._readers)
+        return out
+
+
+def build_dataloader(data, tokenizer, *, seq_len: int, micro_batch_size: int, seed: int, rank: int,
+                     world_size: int) -> PackedLoader:
+    """The data loader of one rank; ``data``/``tokenizer`` are DataConfig/TokenizerConfig (or
+    OmegaConf nodes of them)."""
+    return PackedLoader(data, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
+                        rank=rank, world_size=world_size)
