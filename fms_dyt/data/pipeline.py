@@ -66,9 +66,7 @@ class Reader:
 
     def __init__(self, plan: Plan, reader: int, state: dict):
         self.p, self.r = plan, reader
-        self.encoder = TextEncoder(plan.tokenizer)
-        self.prefix = [self.encoder.bos_id] if plan.tokenizer.add_bos else []
-        self.suffix = [self.encoder.eos_id] if plan.tokenizer.add_eos else []
+        self.encoder = None  # loaded on first use: documents() needs none
         self.stats = {key: 0 for key in COUNTERS} | state["stats"]
         self.future = {int(e): v for e, v in state["epochs"].items()}
         self.events: list = []
@@ -227,6 +225,10 @@ class Reader:
                 self._next_epoch()
         doc = self.block[self.emit]
         if doc.tokens is None:
+            if self.encoder is None:
+                self.encoder = TextEncoder(self.p.tokenizer)
+                self.prefix = [self.encoder.bos_id] if self.p.tokenizer.add_bos else []
+                self.suffix = [self.encoder.eos_id] if self.p.tokenizer.add_eos else []
             todo = [d for d in self.block[self.emit:self.emit + _TOKENIZE_AHEAD] if d.tokens is None]
             for d, ids in zip(todo, self.encoder.encode([d.text for d in todo])):
                 d.tokens = np.array(self.prefix + ids + self.suffix, dtype=np.int64)
@@ -243,6 +245,17 @@ class Reader:
         self.block[self.emit] = None  # free its tokens
         self.emit += 1
         self.cur_off = 0
+
+    def documents(self) -> Iterator[str]:
+        """The texts of this reader's current epoch in delivery order, untokenized (for training
+        a tokenizer on the same stream)."""
+        while True:
+            while self.emit >= len(self.block):
+                if not self._next_block():
+                    return
+            doc = self.block[self.emit]
+            self._finish(doc)
+            yield doc.text
 
     def batches(self) -> Iterator[tuple]:
         """(windows [micro_batch_size, seq_len + 1], state after them, bad-input events, spans)."""

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # sentencepiece piece types (sentencepiece_model.proto)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
 _BPE = 2
+_CONVERTER_VERSION = b"fms-dyt-converter-1"  # part of the cache key: a fixed converter rebuilds caches
 
 
 def cache_root() -> Path:
@@ -158,7 +159,9 @@ def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, add_bos: boo
 
     model_file, out_dir = Path(model_file), Path(out_dir)
     tok, names = _sentencepiece_to_tokenizers(model_file, add_bos)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, add_bos_token=add_bos, add_eos_token=False, **names)
+    # split_special_tokens: "</s>" in a text is text, as for sentencepiece, not an EOS id
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, add_bos_token=add_bos, add_eos_token=False,
+                                 split_special_tokens=True, **names)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out_dir))
     if model_file.resolve() != (out_dir / "tokenizer.model").resolve():
@@ -168,7 +171,7 @@ def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, add_bos: boo
 
 def _converted_dir(model_file: Path, add_bos: bool) -> Path:
     """The cached transformers directory for this model (built once, atomically)."""
-    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(model_file.read_bytes() + _CONVERTER_VERSION).hexdigest()[:16]
     target = cache_root() / "tokenizers" / f"{digest}-bos{int(add_bos)}"
     if (target / "tokenizer.json").is_file():
         return target
