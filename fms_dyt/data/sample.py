@@ -12,6 +12,7 @@ always builds the same bytes (sorted inputs, fixed caps). Written to
 from __future__ import annotations
 
 import fcntl
+import functools
 import gzip
 import hashlib
 import json
@@ -27,18 +28,27 @@ from typing import Iterator, Optional
 
 from fms_dyt.data.tokenizer import cache_root
 
-VERSION = 1
+VERSION = 2
 NUM_SHARDS = 8
 _MB = 1 << 20
-CAPS = {"python-tests": 8 * _MB, "man-pages": 8 * _MB, "package-docs": 6 * _MB}  # bytes of text per subset
+CAPS = {"python-tests": 6 * _MB, "man-pages": 6 * _MB, "package-docs": 4 * _MB}  # bytes of text per subset
 _DOCSTRING = re.compile(r'(?:"""|\'\'\')(.*?)(?:"""|\'\'\')', re.S)
 _ROFF_ESCAPE = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)|\\\(..|\\\[[^\]]*\]|\\[&|^%:]")
 
 
-def _stdlib_files() -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def _stdlib() -> tuple:
+    """(relative path, text) of the standard library's modules, read once per build."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__", "pydoc_data"}
-    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)), root
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if not skip & set(rel.parts):
+            text = _read_text(path)
+            if text and text.strip():
+                found.append((rel, text))
+    return tuple(found)
 
 
 def _is_test(rel: Path) -> bool:
@@ -71,13 +81,9 @@ def _roff_to_text(src: str) -> str:
 
 
 def _modules(tests: bool) -> Iterator[tuple[str, str]]:
-    files, root = _stdlib_files()
-    for path in files:
-        rel = path.relative_to(root)
+    for rel, text in _stdlib():
         if _is_test(rel) == tests:
-            text = _read_text(path)
-            if text and text.strip():
-                yield str(rel), text
+            yield str(rel), text
 
 
 def _docstrings() -> Iterator[tuple[str, str]]:
@@ -152,12 +158,14 @@ def build_sample(out: Path) -> dict:
         n_docs, n_bytes = counts.setdefault(subset, [0, 0])
         counts[subset] = [n_docs + 1, n_bytes + len(text)]
         line = json.dumps({"text": text, "meta": {"pile_set_name": subset, "origin": origin}})
-        # spread each subset over all shards, by a hash of the document's origin
-        shards[int(hashlib.sha1(origin.encode()).hexdigest(), 16) % NUM_SHARDS].append(line)
+        # a hash of subset and origin places each document: every shard mixes all subsets
+        h = int(hashlib.sha1(f"{subset}/{origin}".encode()).hexdigest(), 16)
+        shards[h % NUM_SHARDS].append((h, line))
     names = []
     for i, lines in enumerate(shards):
         name = f"sample-{i:02d}-of-{NUM_SHARDS:02d}.jsonl.zst"
-        (out / name).write_bytes(zstandard.ZstdCompressor(level=3).compress(("\n".join(lines) + "\n").encode()))
+        text = "\n".join(line for _, line in sorted(lines)) + "\n"
+        (out / name).write_bytes(zstandard.ZstdCompressor(level=3).compress(text.encode()))
         names.append(name)
     manifest = {"version": VERSION, "python": sys.version.split()[0], "shards": names,
                 "documents": {k: v[0] for k, v in counts.items()}, "text_bytes": {k: v[1] for k, v in counts.items()}}

@@ -233,13 +233,21 @@ class HubSource(Source):
         while True:
             try:
                 shard = self.ds.shard(num_shards=len(self.names), index=f, contiguous=True)
-                for row, example in enumerate(shard):
-                    if stop is not None and row >= stop:
-                        return
-                    if row < start or not want(row):
-                        continue
-                    yield document(example, row)
-                    start = row + 1
+                row = -1
+                # .iter(), unlike iterating the dataset, does not split it again across DataLoader workers
+                for batch in shard.iter(batch_size=256):
+                    texts = batch.get("text") or [None] * len(next(iter(batch.values())))
+                    metas = batch.get("meta") or [None] * len(texts)
+                    for text, meta in zip(texts, metas):
+                        row += 1
+                        if stop is not None and row >= stop:
+                            return
+                        if row < start or not want(row):
+                            continue
+                        yield document({"text": text, "meta": meta}, row)
+                        start = row + 1
+                if row < 0:  # fsspec ends a zstd stream cut inside its first block quietly
+                    raise EOFError("no rows: an empty file, or a compressed file truncated early")
                 return
             except (ValueError, pyarrow.ArrowException, zstandard.ZstdError, EOFError) as e:  # the data itself
                 raise ShardError(self.names[f], row, e) from e

@@ -28,7 +28,8 @@ def write_shards(out_dir, files: int = 3, rows: int = 200, bad_rows: bool = Fals
                  fmt: str = "jsonl.zst", seed: int = 0) -> dict:
     """Write ``files`` shards of ``rows`` rows (plus, with ``corrupt``, one shard cut in the middle of
     its zstd stream); return {"documents": good rows, "bad_rows": n, "files": [...]}.
-    With ``bad_rows`` every shard gets one of each kind of bad row in ``BAD_ROWS``."""
+    With ``bad_rows`` every jsonl shard gets one of each kind of bad row in ``BAD_ROWS`` (parquet
+    shards an empty and a missing text); ``corrupt`` applies to jsonl.zst."""
     import zstandard
 
     out = Path(out_dir)
@@ -40,6 +41,20 @@ def write_shards(out_dir, files: int = 3, rows: int = 200, bad_rows: bool = Fals
         for r in range(rows):
             lines.append(json.dumps({"text": _text(rng), "meta": {"pile_set_name": SUBSETS[(r * 7 + i) % len(SUBSETS)]}}))
         is_corrupt = corrupt and i == files
+        if fmt == "parquet":  # a typed column: only an empty and a missing text can be bad
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            rows_ = [json.loads(line) for line in lines]
+            if bad_rows:
+                rows_[len(rows_) // 3:len(rows_) // 3] = [{"text": "", "meta": None}]
+                rows_[len(rows_) // 2:len(rows_) // 2] = [{"text": None, "meta": None}]
+                info["bad_rows"] += 2
+            name = f"shard-{i:03d}.parquet"
+            pq.write_table(pa.Table.from_pylist(rows_), out / name, row_group_size=max(1, rows // 3))
+            info["files"].append(name)
+            info["documents"] += rows
+            continue
         if bad_rows and not is_corrupt:
             for j, bad in enumerate(BAD_ROWS):
                 lines.insert((j + 1) * len(lines) // (len(BAD_ROWS) + 1), bad)
@@ -50,15 +65,6 @@ def write_shards(out_dir, files: int = 3, rows: int = 200, bad_rows: bool = Fals
             data = zstandard.ZstdCompressor(level=3).compress(data)
             if is_corrupt:
                 data = data[: len(data) * 3 // 5]
-        elif fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            rows_ = [json.loads(line) for line in lines if line.startswith("{") and '"text": "' in line]
-            pq.write_table(pa.Table.from_pylist(rows_), out / name, row_group_size=max(1, rows // 3))
-            info["files"].append(name)
-            info["documents"] += len(rows_)
-            continue
         (out / name).write_bytes(data)
         info["files"].append(name)
         if not is_corrupt:
