@@ -1,0 +1,1 @@
+"""Pieces of ``python -m fms_dyt.analyze``: reading runs, capturing norm activations, figures, the report."""

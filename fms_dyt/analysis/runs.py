@@ -1,0 +1,263 @@
+"""What ``python -m fms_dyt.analyze`` reads from a run: config, metrics log, checkpoint, eval results.
+
+A RUN argument is a training run directory (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``),
+one of its ``checkpoints/step_<N>`` directories, or a directory written by ``fms_dyt.export``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from fms_dyt.checkpoint import complete_checkpoints
+
+log = logging.getLogger("fms_dyt.analyze")
+
+ALPHA_KEY = re.compile(r"^alpha/(attn|ffn)/(\d+)$")
+NORM_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT"}
+
+
+class AnalysisError(ValueError):
+    """A RUN or option the analysis cannot use; the message says which and what to do."""
+
+
+@dataclass
+class NormInfo:
+    """The norm of a run, with α₀ resolved per site (None for norms without α)."""
+
+    kind: str
+    alpha_attn: Optional[float] = None
+    alpha_ffn: Optional[float] = None
+    alpha_final: Optional[float] = None
+
+    def label(self) -> str:
+        name = NORM_NAMES.get(self.kind, self.kind)
+        if self.alpha_attn is None:
+            return name
+        if self.alpha_ffn == self.alpha_final:
+            return f"{name} α₀ attn {self.alpha_attn:g}, other {self.alpha_ffn:g}"
+        return f"{name} α₀ attn {self.alpha_attn:g}, ffn {self.alpha_ffn:g}, final {self.alpha_final:g}"
+
+
+@dataclass
+class Metrics:
+    """``metrics.jsonl`` as records sorted by step, and what had to be left out."""
+
+    records: list[dict] = field(default_factory=list)
+    unreadable: int = 0  # lines that are not JSON objects with an integer "step"
+    duplicates: int = 0  # records of a step that appears again later (the later one is kept)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(tokens seen, value) of every record that has a finite ``key``."""
+        xs, ys = [], []
+        for r in self.records:
+            v = r.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v) and "tokens_seen" in r:
+                xs.append(r["tokens_seen"])
+                ys.append(v)
+        return xs, ys
+
+    def alpha_layers(self, site: str) -> list[int]:
+        """Layer indices with an ``alpha/<site>/<layer>`` series, in depth order."""
+        found = {int(m.group(2)) for r in self.records for k in r if (m := ALPHA_KEY.match(k)) and m.group(1) == site}
+        return sorted(found)
+
+
+@dataclass
+class EvalResult:
+    """One results file of ``eval/zero_shot.py``."""
+
+    path: Path
+    step: Optional[int]
+    limit: Optional[float]
+    tasks: list[str]
+    primary: dict[str, tuple[str, float]]  # task -> (metric, value)
+    primary_mean: float
+    primary_n: int
+    openllama_mean: float
+    openllama_n: int
+
+
+@dataclass
+class Run:
+    """Everything the analysis knows about one RUN argument."""
+
+    given: Path
+    name: str  # short, unique among the runs analysed together
+    norm: NormInfo
+    run_dir: Optional[Path]  # None for exported directories
+    checkpoint: Optional[Path]  # the checkpoint analysed; None when the run has none
+    cfg: Optional[DictConfig]
+    metrics: Metrics
+    evals: list[EvalResult]
+    eval_skipped: list[str]  # "file: reason" of results files that could not be read
+    n_layers: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.norm.label()} · {self.name}"
+
+    @property
+    def is_dyt(self) -> bool:
+        return self.norm.kind == "dyt"
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory, a ``checkpoints/step_<N>`` directory or an exported directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AnalysisError(f"RUN {path} is not a directory (give a run dir, checkpoints/step_<N> or an exported dir)")
+    if (path / "config.json").is_file():
+        return _exported(path)
+    if (path / "meta.json").is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        cfg = _load_yaml(path / "config.yaml")
+        name = f"{run_dir.name}@{path.name}" if run_dir is not None else path.name
+        checkpoint = path
+    elif (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file():
+        run_dir, name = path, path.resolve().name
+        found = complete_checkpoints(path)
+        checkpoint = found[-1] if found else None
+        cfg_file = path / "config.yaml" if (path / "config.yaml").is_file() else (checkpoint and checkpoint / "config.yaml")
+        if not cfg_file:
+            raise AnalysisError(f"{path} has metrics.jsonl but no config.yaml and no checkpoint: cannot tell its norm")
+        cfg = _load_yaml(cfg_file)
+    else:
+        raise AnalysisError(
+            f"RUN {path} is not a training run (no config.yaml or metrics.jsonl), not a checkpoint "
+            "(no meta.json) and not an exported model (no config.json)"
+        )
+    metrics = read_metrics(run_dir / "metrics.jsonl") if run_dir is not None else Metrics()
+    step = _step_of(checkpoint)
+    if path == checkpoint and step is not None:  # a chosen checkpoint: curves end where its weights were saved
+        metrics.records = [r for r in metrics.records if r["step"] <= step]
+    evals, skipped = read_evals(run_dir / "eval") if run_dir is not None else ([], [])
+    return Run(given=path, name=name, norm=_norm_from_cfg(cfg), run_dir=run_dir, checkpoint=checkpoint, cfg=cfg,
+               metrics=metrics, evals=evals, eval_skipped=skipped, n_layers=int(cfg.model.n_layers))
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Load every RUN; names are made unique so that legends and file names tell runs apart."""
+    runs = [load_run(p) for p in paths]
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+        if seen[run.name] > 1:
+            run.name = f"{run.name}#{seen[run.name]}"
+    return runs
+
+
+def _exported(path: Path) -> Run:
+    config = json.loads((path / "config.json").read_text())
+    if "norm" not in config:  # a plain LLaMA export: RMSNorm
+        norm, n_layers = NormInfo("rmsnorm"), int(config["num_hidden_layers"])
+    else:
+        n = config["norm"]
+        norm = NormInfo(n["kind"], n.get("alpha_attn"), n.get("alpha_ffn"), n.get("alpha_final"))
+        n_layers = int(config["model"]["n_layers"])
+    return Run(given=path, name=path.resolve().name, norm=norm, run_dir=None, checkpoint=path, cfg=None,
+               metrics=Metrics(), evals=[], eval_skipped=[], n_layers=n_layers)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise AnalysisError(f"{path} is missing: the run's resolved config is needed to know its norm and model")
+    return OmegaConf.load(path)
+
+
+def _norm_from_cfg(cfg: DictConfig) -> NormInfo:
+    from fms_dyt.config import norm_args
+
+    n = norm_args(cfg)
+    return NormInfo(n.kind, n.alpha_attn, n.alpha_ffn, n.alpha_final)
+
+
+def read_metrics(path: Path) -> Metrics:
+    """Records of ``metrics.jsonl`` by step; unreadable lines are skipped, counted and logged."""
+    out = Metrics()
+    if not path.is_file():
+        log.warning("%s does not exist: no training curves for this run", path)
+        return out
+    by_step: dict[int, dict] = {}
+    first_bad = None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"] if isinstance(record, dict) else None
+        except (ValueError, KeyError):
+            step = None
+        if not isinstance(step, int):
+            out.unreadable += 1
+            first_bad = first_bad or number
+            continue
+        if step in by_step:
+            out.duplicates += 1
+        by_step[step] = record
+    out.records = [by_step[s] for s in sorted(by_step)]
+    if out.unreadable:
+        log.warning("%s: skipped %d unreadable line(s), the first at line %d (a write cut short by a kill?)",
+                    path, out.unreadable, first_bad)
+    if out.duplicates:
+        log.warning("%s: %d step(s) logged more than once; the last record of each is used", path, out.duplicates)
+    return out
+
+
+def read_evals(folder: Path) -> tuple[list[EvalResult], list[str]]:
+    """Results files of ``eval/zero_shot.py`` in ``<run_dir>/eval/`` (its default ``--output``)."""
+    results, skipped = [], []
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            results.append(_eval_result(f, json.loads(f.read_text())))
+        except (ValueError, KeyError, TypeError) as e:
+            skipped.append(f"{f.name}: {type(e).__name__}: {e}")
+            log.warning("skipping %s: not a results file of eval/zero_shot.py (%s: %s)", f, type(e).__name__, e)
+    return results, skipped
+
+
+def _eval_result(path: Path, report: dict) -> EvalResult:
+    avg = report["averages"]
+    primary_metrics = avg["primary_mean"]["metrics"]
+    values = {(r["task"], r["metric"]): float(r["value"]) for r in report["rows"]}
+    return EvalResult(
+        path=path,
+        step=report["checkpoint"].get("step"),
+        limit=report.get("evaluation", {}).get("limit"),
+        tasks=list(report["tasks"]),
+        primary={t: (m, values[(t, m)]) for t, m in primary_metrics.items()},
+        primary_mean=float(avg["primary_mean"]["value"]),
+        primary_n=int(avg["primary_mean"]["n"]),
+        openllama_mean=float(avg["openllama_mean"]["value"]),
+        openllama_n=int(avg["openllama_mean"]["n"]),
+    )
+
+
+def pick_eval(run: Run) -> Optional[EvalResult]:
+    """The results to show for a run: those of its analysed checkpoint's step when they exist, else
+    the latest step; at one step a full evaluation beats a ``--limit`` one."""
+    if not run.evals:
+        return None
+    step = _step_of(run.checkpoint)
+    pool = [e for e in run.evals if e.step == step] or run.evals
+    return max(pool, key=lambda e: (e.step or 0, e.limit is None, e.path.stat().st_mtime))
+
+
+def _step_of(checkpoint: Optional[Path]) -> Optional[int]:
+    if checkpoint is not None and (checkpoint / "meta.json").is_file():
+        return json.loads((checkpoint / "meta.json").read_text()).get("step")
+    return None
+
+
+def final_loss(metrics: Metrics, last: int = 10) -> Optional[float]:
+    """Mean training loss of the last ``last`` logged records with a finite loss."""
+    _, losses = metrics.series("loss")
+    tail = losses[-last:]
+    return sum(tail) / len(tail) if tail else None
