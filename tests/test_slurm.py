@@ -11,10 +11,12 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import fms_dyt.config  # noqa: F401  (registers the config schema train.yaml builds on)
 
@@ -190,7 +192,7 @@ def test_two_node_job_completes(slurm, tmp_path):
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     run_dir = tmp_path / "run"
-    max_steps = 40
+    max_steps = 10
     # no periodic checkpoint before the end: the one resumed from is the one the signal caused
     overrides = TINY + [f"train.max_steps={max_steps}", "checkpoint.interval=1000",
                         "logging.wandb.mode=offline", f"run_dir={run_dir}"]
@@ -224,3 +226,20 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert logged_steps(run_dir) == list(range(1, max_steps + 1))
     assert max_steps in complete_checkpoints(run_dir)
     assert (run_dir / "wandb_id").read_text() == wandb_id
+
+
+def test_alpha0_sweep_runs_on_slurm(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    # the paper's per-job resources, shrunk to one CPU task per job on this cluster
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_slurm",
+           "+hydra/slurm=alpha0", "norm.alpha_attn=0.4,0.8", *TINY, "train.max_steps=2",
+           "logging.wandb.mode=disabled", "hydra.launcher.tasks_per_node=1",
+           "hydra.launcher.gpus_per_node=1", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for alpha in (0.4, 0.8):
+        run_dirs = [d for d in sweep.iterdir() if f"norm.alpha_attn={alpha}" in d.name]
+        assert len(run_dirs) == 1, sorted(p.name for p in sweep.iterdir())
+        assert logged_steps(run_dirs[0]) == [1, 2]
+        assert OmegaConf.load(run_dirs[0] / "config.yaml").norm.alpha_attn == alpha
