@@ -139,6 +139,15 @@ def norm_scalars(model: torch.nn.Module) -> dict[str, float]:
     return out
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Throughput:
     """Tokens per second and MFU over the steps since the last call."""
 

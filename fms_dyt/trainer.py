@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, validate
-from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops
+from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import apply_parallelism, build_mesh, init_distributed, materialize
@@ -164,8 +164,7 @@ def train(cfg, data=None) -> int:
                       "data_wait_s": data_wait, "skipped_updates": bad_steps,
                       **{f"data/{k}": v for k, v in data.stats().items()}, **norm_scalars(model)}
             data_wait = 0.0
-            if d.device.type == "cuda":
-                values["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+            values["peak_memory_gib"] = peak_memory_gib(d.device)
             metrics.log(step, values)
             if d.is_main and (step % cfg.logging.console_interval == 0 or step == total_steps):
                 mfu = f"{values['mfu']:.1%}" if values["mfu"] is not None else "n/a"

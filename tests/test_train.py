@@ -109,9 +109,46 @@ def test_resume_from_two_ranks_on_one_and_partial_saves_are_ignored(tmp_path):
     assert meta["world_size"] == 1 and meta["tokens_seen"] == 8 * SEQ * MICRO * 4
 
 
-def test_checkpoint_keep_deletes_older(tmp_path):
-    run(1, ["train.max_steps=6", "checkpoint.interval=1", "checkpoint.keep=2", f"run_dir={tmp_path}"])
+def test_checkpoint_keep_async_save_and_wandb_offline_resume(tmp_path):
+    common = ["checkpoint.interval=1", "checkpoint.keep=2", "checkpoint.async_save=true",
+              "logging.wandb.mode=offline", f"run_dir={tmp_path}"]
+    run(1, ["train.max_steps=4", *common])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_4"]
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    run(1, ["train.max_steps=6", *common])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5", "step_6"]
+    assert (tmp_path / "wandb_id").read_text().strip() == run_id  # the resumed job continues the W&B run
+    assert sorted(losses(tmp_path)) == list(range(1, 7))
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "mfu", "data_wait_s", "peak_memory_gib",
+                "alpha/attn/0", "alpha/ffn/1", "alpha/final", "embedding_scale"):
+        assert key in record, key
+    assert record["tokens_seen"] == 6 * SEQ * MICRO * 4
+
+
+class DyingRank(FixedBatches):
+    """Rank 1 dies without a word at its third batch."""
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if self.rank == 1 and i == 2:
+                os._exit(3)
+            yield batch
+
+
+def _dying_worker(rank, world, port, overrides):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    train(load_config(overrides), data=DyingRank(rank, world, 2))
+
+
+def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path):
+    ctx = mp.start_processes(_dying_worker, args=(2, _free_port(), BASE + ["train.max_steps=20", "parallel.timeout_s=30",
+                             f"run_dir={tmp_path}"]), nprocs=2, join=False, start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=120)
+    assert [p.exitcode for p in ctx.processes if p.is_alive()] == []  # nobody hangs
+    assert all(p.exitcode != 0 for p in ctx.processes)
 
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
