@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 
 from fms_dyt.data.config import DataConfig, TokenizerConfig, as_config
 from fms_dyt.data.pipeline import PackedLoader
@@ -32,18 +33,29 @@ def present_documents(loader: PackedLoader) -> tuple[dict, int, set]:
     return expected, bad_rows, bad_files
 
 
+@contextmanager
+def _quiet_readers():
+    """These tools report bad input themselves, once, instead of every reader logging it."""
+    logger = logging.getLogger("fms_dyt.data.pipeline")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _event(loader: PackedLoader, f: int, row, reason: str) -> str:
+    return reason if row is None else f"{loader.plan.source.where(f)} line {row + 1}: {reason}"
+
+
 def scan(data, tokenizer, *, world_size: int, seq_len: int, micro_batch_size: int, seed: int) -> dict:
     """Run epoch 0 of the loader of every rank (with its DataLoader workers) and compare the
     documents it delivers with those in the files. A document counts as seen once all its tokens
     came out exactly once; ``duplicates`` are documents with tokens delivered twice. Bad input is
-    reported in the result (first examples in ``skipped_examples``) instead of logged by every reader."""
-    quiet = logging.getLogger("fms_dyt.data.pipeline")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    reported in the result (first examples in ``skipped_examples``)."""
+    with _quiet_readers():
         return _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed)
-    finally:
-        quiet.setLevel(level)
 
 
 def _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed) -> dict:
@@ -68,8 +80,7 @@ def _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed) -> dict:
                 for epoch, f, row, reason in events:
                     if epoch == 0:
                         (bad_rows.add((f, row)) if row is not None else bad_files.add(f))
-                        examples.setdefault((f, row), reason if row is None else
-                                            f"{loader.plan.source.where(f)} line {row + 1}: {reason}")
+                        examples.setdefault((f, row), _event(loader, f, row, reason))
                 for epoch, f, row, c, a, b, length, _ in spans:
                     if epoch == 0:
                         tokens_of[(f, row, c)] += b - a
@@ -100,33 +111,33 @@ def _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed) -> dict:
 
 def preview(data, tokenizer, *, seq_len: int, micro_batch_size: int, seed: int, windows: int = 2,
             mix_windows: int = 64, chars: int = 300) -> str:
-    """The first ``windows`` windows of rank 0 decoded, document by document, and the subset mix
-    and document lengths over the first ``mix_windows`` windows."""
+    """The first ``windows`` windows of rank 0 decoded, document by document, and the subset mix,
+    document lengths and skipped input over the first ``mix_windows`` windows."""
     loader = PackedLoader(data, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
                           rank=0, world_size=1, trace=True)
     encoder = TextEncoder(loader.plan.tokenizer)
     names = loader.plan.source.names
-    lines, shown = [], 0
+    lines, skipped, shown = [], [], 0
     docs, tokens = Counter(), Counter()
     lengths = []
     batches = iter(loader)
     try:
-        while shown < max(windows, mix_windows):
-            inputs, targets = next(batches)
-            _, events, spans = loader.last_trace
-            for epoch, f, row, reason in events:
-                lines.append(f"[skipped] {names[f]}" + (f" line {row + 1}" if row is not None else "") + f": {reason}")
-            for _, f, row, c, a, b, length, subset in spans:
-                tokens[subset] += b - a
-                if a == 0:
-                    docs[subset] += 1
-                    lengths.append(length)
-            full = [inputs[i].tolist() + targets[i, -1:].tolist() for i in range(len(inputs))]
-            for i, window in enumerate(full):
-                if shown + i < windows:
-                    lines.append(f"=== window {shown + i} ({len(window)} tokens = seq_len + 1) ===")
-                    lines += _describe(window, spans, i * len(window), encoder, names, chars)
-            shown += len(full)
+        with _quiet_readers():
+            while shown < max(windows, mix_windows):
+                inputs, targets = next(batches)
+                _, events, spans = loader.last_trace
+                skipped += [_event(loader, f, row, reason) for _, f, row, reason in events]
+                for _, f, row, c, a, b, length, subset in spans:
+                    tokens[subset] += b - a
+                    if a == 0:
+                        docs[subset] += 1
+                        lengths.append(length)
+                full = [inputs[i].tolist() + targets[i, -1:].tolist() for i in range(len(inputs))]
+                for i, window in enumerate(full):
+                    if shown + i < windows:
+                        lines.append(f"=== window {shown + i} ({len(window)} tokens = seq_len + 1) ===")
+                        lines += _describe(window, spans, i * len(window), encoder, names, chars)
+                shown += len(full)
     finally:
         loader.close()
     total = sum(tokens.values()) or 1
@@ -137,6 +148,9 @@ def preview(data, tokenizer, *, seq_len: int, micro_batch_size: int, seed: int, 
         lengths.sort()
         lines.append(f"tokens per document (with BOS/EOS): median {lengths[len(lengths) // 2]}, "
                      f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}, over {len(lengths)} documents")
+    if skipped:
+        lines.append(f"=== skipped while reading them: {len(skipped)} (bad rows and files; first 10) ===")
+        lines += skipped[:10]
     return "\n".join(lines)
 
 
