@@ -52,9 +52,9 @@ def manager():
     return zero_shot.task_manager(TINY_TASKS, [TASK_DATA])
 
 
-def evaluate(ckpt, tasks, manager, *extra):
+def evaluate(ckpt, tasks, manager, *extra, batch_size="8"):
     args = zero_shot.parse_args([str(ckpt), "--include-path", str(TASK_DATA), "--tasks", *tasks,
-                                 "--batch-size", "8", *extra])
+                                 "--batch-size", batch_size, *extra])
     return zero_shot.run(args, manager=manager)
 
 
@@ -135,6 +135,12 @@ def test_a_step_directory_and_the_json_file(run_dir, manager, tmp_path):
     assert saved["averages"]["openllama_mean"]["definition"].startswith("OpenLLaMA-style")
     assert saved["tasks"]["tiny_record"]["metrics"]["em"]["value"] == report["tasks"]["tiny_record"]["metrics"]["em"]["value"]
     assert saved["training_config"]["train"]["max_steps"] == STEPS
+
+
+def test_batch_size_auto_finds_the_largest_that_runs(run_dir, manager):
+    report = evaluate(run_dir, ["tiny_piqa"], manager, "--limit", "2", "--max-batch-size", "4", batch_size="auto")
+    assert report["evaluation"]["batch_size"] == "auto"
+    assert report["evaluation"]["batch_sizes"] == [4]  # nothing runs out of memory here: the cap wins
 
 
 def test_bos_is_prepended_and_eos_never():
