@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -125,7 +126,7 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
         elif run.is_dyt:
             result.notes.append(f"{run.name}: DyT run without α in metrics.jsonl: no α-over-training figure")
 
-    depth, io_files, batches, steps = [], [], [], {}
+    depth, io_files, batches = [], [], []
     if checkpoints:
         import torch
 
@@ -137,8 +138,9 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
                                     (" and no α against depth" if run.is_dyt else ""))
                 continue
             log.info("%s: loading %s", run.name, run.checkpoint)
-            model, _, meta = load_for_inference(run.checkpoint)
-            steps[run.name] = meta.get("step")
+            with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                model, _, _ = load_for_inference(run.checkpoint)
             transformer = model.model.to(torch.device(device))
             tokens, where, from_run = analysis_batch(run, batch, batch_size, seq_len, transformer.args.vocab_size, seed)
             namer = token_namer(run) if from_run else None
@@ -187,7 +189,7 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
     runs_list = "\n".join(f"- **{r.name}**: `{r.given}` ({r.label})" for r in runs)
     notes = "\n".join(f"- {n}" for n in result.notes)
     result.report.write_text(
-        "# fms-dyt analysis\n\n" + runs_list + "\n\n" + runs_table(runs, steps) + "\n\n" + "\n".join(sections)
+        "# fms-dyt analysis\n\n" + runs_list + "\n\n" + runs_table(runs) + "\n\n" + "\n".join(sections)
         + (f"\n## Left out\n\n{notes}\n" if notes else ""))
     return result
 

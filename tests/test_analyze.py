@@ -286,3 +286,19 @@ def test_cli_writes_the_report(runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'o' / 'report.md'}" in out
     assert (tmp_path / "o" / "norm_io_token_rms.png").is_file()
+
+
+def test_exported_models_get_maps_and_alpha_but_no_curves(runs, tmp_path):
+    from fms_dyt.export import export
+
+    for run, fmt in ((runs[0], "fms_dyt"), (runs[1], "llama")):
+        model, _, _ = load_for_inference(run)
+        assert export(model.model, tmp_path / run.name, fmt) == fmt
+    result = analyze([tmp_path / "dyt", tmp_path / "rms"], tmp_path / "out", batch="auto", sites="attn:0,final")
+    assert set(result.figures) == {"alpha_depth.png", "norm_io_token_dyt.png", "norm_io_channel_dyt.png",
+                                   "norm_io_token_rms.png", "norm_io_channel_rms.png"}
+    assert len([ax for ax in result.figures["norm_io_token_rms.png"].axes if ax.get_visible()]) == 2
+    text = result.report.read_text()
+    assert "is an exported model without a data config" in text
+    assert "dyt: no logged training loss (exported model)" in text
+    assert "| checkpoint | exported model | exported model |" in text

@@ -29,21 +29,21 @@ def _tokens(n: Optional[int]) -> str:
     return str(n)
 
 
-def runs_table(runs: Sequence[Run], steps: dict[str, Optional[int]]) -> str:
+def runs_table(runs: Sequence[Run]) -> str:
     """One column per run: norm, α₀, model shape, analysed checkpoint, tokens and final loss."""
     rows = {
-        "norm": [], "α₀ (attention / FFN / final)": [], "model (width × layers)": [], "analysed checkpoint step": [],
+        "norm": [], "α₀ (attention / FFN / final)": [], "model (width × layers)": [], "checkpoint": [],
         "logged steps": [], "tokens seen (last logged)": [], f"final loss (mean of last {FINAL_LOSS_RECORDS} logged)": [],
     }
     for run in runs:
         n = run.norm
-        rows["norm"].append(n.label().split(" α₀")[0])
+        rows["norm"].append(n.name)
         rows["α₀ (attention / FFN / final)"].append(
             "—" if n.alpha_attn is None else f"{n.alpha_attn:g} / {n.alpha_ffn:g} / {n.alpha_final:g}")
         width = run.cfg.model.dim if run.cfg is not None else "?"
         rows["model (width × layers)"].append(f"{width} × {run.n_layers}")
-        step = steps.get(run.name)
-        rows["analysed checkpoint step"].append("none" if run.checkpoint is None else (step if step is not None else "exported"))
+        rows["checkpoint"].append("none" if run.checkpoint is None else
+                                  f"step {run.step}" if run.step is not None else "exported model")
         recs = run.metrics.records
         rows["logged steps"].append(f"{recs[0]['step']}–{recs[-1]['step']} ({len(recs)})" if recs else "—")
         rows["tokens seen (last logged)"].append(_tokens(recs[-1].get("tokens_seen")) if recs else "—")

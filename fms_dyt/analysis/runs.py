@@ -37,8 +37,12 @@ class NormInfo:
     alpha_ffn: Optional[float] = None
     alpha_final: Optional[float] = None
 
+    @property
+    def name(self) -> str:
+        return NORM_NAMES.get(self.kind, self.kind)
+
     def label(self) -> str:
-        name = NORM_NAMES.get(self.kind, self.kind)
+        name = self.name
         if self.alpha_attn is None:
             return name
         if self.alpha_ffn == self.alpha_final:
@@ -101,6 +105,11 @@ class Run:
     n_layers: int
 
     @property
+    def step(self) -> Optional[int]:
+        """Training step of the analysed checkpoint (None without one, or for exported models)."""
+        return _step_of(self.checkpoint)
+
+    @property
     def label(self) -> str:
         return f"{self.norm.label()} · {self.name}"
 
@@ -125,10 +134,9 @@ def load_run(path: str | Path) -> Run:
         run_dir, name = path, path.resolve().name
         found = complete_checkpoints(path)
         checkpoint = found[-1] if found else None
-        cfg_file = path / "config.yaml" if (path / "config.yaml").is_file() else (checkpoint and checkpoint / "config.yaml")
-        if not cfg_file:
-            raise AnalysisError(f"{path} has metrics.jsonl but no config.yaml and no checkpoint: cannot tell its norm")
-        cfg = _load_yaml(cfg_file)
+        # The trainer writes config.yaml first; a checkpoint holds a copy.
+        cfg = _load_yaml(path / "config.yaml" if (path / "config.yaml").is_file() or checkpoint is None
+                         else checkpoint / "config.yaml")
     else:
         raise AnalysisError(
             f"RUN {path} is not a training run (no config.yaml or metrics.jsonl), not a checkpoint "
@@ -245,8 +253,7 @@ def pick_eval(run: Run) -> Optional[EvalResult]:
     the latest step; at one step a full evaluation beats a ``--limit`` one."""
     if not run.evals:
         return None
-    step = _step_of(run.checkpoint)
-    pool = [e for e in run.evals if e.step == step] or run.evals
+    pool = [e for e in run.evals if e.step == run.step] or run.evals
     return max(pool, key=lambda e: (e.step or 0, e.limit is None, e.path.stat().st_mtime))
 
 
