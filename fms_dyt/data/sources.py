@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 import json
 import logging
 import time
@@ -107,7 +108,7 @@ class LocalSource(Source):
     def __init__(self, path: str, key: str = "data.path"):
         self.files = find_files(path, key)
         root = Path(path).expanduser()
-        base = root if root.is_dir() else Path(*self.files[0].parts[:-1]) if len(self.files) == 1 else _common(self.files)
+        base = root if root.is_dir() else Path(os.path.commonpath([p.parent for p in self.files]))
         # relative names: a state saved on one mount point resumes from a copy of the data elsewhere
         self.names = [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in self.files]
 
@@ -124,16 +125,6 @@ class LocalSource(Source):
                 yield row_tuple
         except Exception as e:  # I/O, truncation, zstd and pyarrow errors alike end this file
             raise ShardError(str(path), row, e) from e
-
-
-def _common(files: list[Path]) -> Path:
-    parts = [p.parts for p in files]
-    common = []
-    for group in zip(*parts):
-        if len(set(group)) != 1:
-            break
-        common.append(group[0])
-    return Path(*common)
 
 
 def _jsonl_rows(path: Path, start: int, want, stop) -> Iterator[Row]:
@@ -267,6 +258,10 @@ def make_source(cfg: DataConfig) -> Source:
         return HubSource(cfg)
     from fms_dyt.data.sample import ensure_sample
 
-    source = LocalSource(str(ensure_sample(cfg.path)), key="data.path (sample corpus)")
-    source.kind = "sample"
-    return source
+    return SampleSource(str(ensure_sample(cfg.path)), key="data.path (sample corpus)")
+
+
+class SampleSource(LocalSource):
+    """The sample corpus's shards (see ``sample.py``)."""
+
+    kind = "sample"
