@@ -1,0 +1,169 @@
+"""The fused DyT op: exact against the plain formula, in every dtype mix FSDP2 produces."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from fms_dyt import ops
+from fms_dyt.ops import _DyTFunction, dyt, dyt_reference
+
+needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
+
+
+def _inputs(shape, dtype, bias, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    alpha = torch.tensor([0.7], dtype=torch.float64).to(dtype)
+    weight = torch.randn(shape[-1], generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(shape[-1], generator=g, dtype=torch.float64).to(dtype) if bias else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, alpha, weight, b, dy
+
+
+def _grads(fn, x, alpha, weight, bias, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, alpha, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    y = fn(*leaves, b)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), [t.grad for t in leaves] + ([] if b is None else [b.grad])
+
+
+def _reference(x, alpha, weight, bias, dy):
+    to64 = lambda t: None if t is None else t.double()  # noqa: E731
+    return _grads(dyt_reference, to64(x), to64(alpha), to64(weight), to64(bias), dy.double())
+
+
+def _rel_err(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@needs_cc
+def test_cpu_kernel_builds():
+    assert ops.cpu_kernel() is not None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradcheck_fp64_cpu_op(bias):
+    x, alpha, weight, b, _ = _inputs((2, 3, 5), torch.float64, bias)
+    args = [t.requires_grad_() for t in (x, alpha, weight)] + [None if b is None else b.requires_grad_()]
+    assert torch.autograd.gradcheck(dyt, tuple(args))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradcheck_fp64_pytorch_formulation(bias):
+    # The formulation GPUs (and CPUs without a compiler) run.
+    x, alpha, weight, b, _ = _inputs((2, 3, 5), torch.float64, bias)
+    args = [t.requires_grad_() for t in (x, alpha, weight)] + [None if b is None else b.requires_grad_()]
+    assert torch.autograd.gradcheck(_DyTFunction.apply, tuple(args))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-6), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("fn", [dyt, _DyTFunction.apply], ids=["cpu_op", "pytorch"])
+def test_matches_fp64_formula(dtype, tol, bias, fn):
+    # 300 rows: more than one fp32 accumulation block of the kernel, split across threads.
+    inputs = _inputs((300, 2, 67), dtype, bias)
+    y, grads = _grads(fn, *inputs)
+    y_ref, grads_ref = _reference(*inputs)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert _rel_err(y, y_ref) < tol
+    for g, g_ref in zip(grads, grads_ref):
+        assert _rel_err(g, g_ref) < tol
+
+
+def test_mixed_precision_params_fp32_input_bf16():
+    # FSDP2 with param_dtype=bf16 keeps fp32 norm params when they are wrapped apart: x bf16, params fp32.
+    x, alpha, weight, b, dy = _inputs((64, 48), torch.bfloat16, True)
+    y, (gx, ga, gw, gb) = _grads(dyt, x, alpha.float(), weight.float(), b.float(), dy)
+    assert y.dtype == gx.dtype == torch.bfloat16
+    assert ga.dtype == gw.dtype == gb.dtype == torch.float32
+    y_ref, (gx_ref, ga_ref, gw_ref, gb_ref) = _reference(x, alpha.float(), weight.float(), b.float(), dy)
+    assert _rel_err(y, y_ref) < 1e-2 and _rel_err(gx, gx_ref) < 1e-2
+    # Parameter gradients are fp32 sums of exact bf16 products: far better than bf16.
+    for g, g_ref in ((ga, ga_ref), (gw, gw_ref), (gb, gb_ref)):
+        assert _rel_err(g, g_ref) < 1e-5
+
+
+def test_fp32_tanh_within_a_few_ulp_everywhere():
+    z = torch.cat([torch.linspace(-12, 12, 200_001), torch.logspace(-30, 1, 20_001), -torch.logspace(-30, 1, 20_001)])
+    one = torch.ones(1)
+    y = dyt(z.reshape(-1, 1), one, one)
+    ref = torch.tanh(z.double())
+    ulp = torch.nextafter(ref.float().abs(), torch.tensor(float("inf"))).double() - ref.float().abs().double()
+    assert ((y.reshape(-1).double() - ref).abs() / ulp).max() <= 8
+
+
+def test_fp32_gradient_accurate_where_tanh_saturates():
+    # 1 - tanh² underflows to rounding noise when computed from tanh in fp32; the kernel keeps it.
+    z = torch.linspace(4, 20, 1001).reshape(-1, 1)
+    one = torch.ones(1)
+    _, (gx, *_rest) = _grads(dyt, z, one, one, None, torch.ones_like(z))
+    exact = 1 / torch.cosh(z.double()) ** 2
+    assert ((gx.double() - exact).abs() / exact).max() < 1e-5
+
+
+def test_nan_and_inf_propagate():
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0]], dtype=torch.bfloat16)
+    weight = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    y = dyt(x, torch.ones(1), weight)
+    assert torch.isnan(y[0, 0])
+    assert y[0, 1:].tolist() == [2.0, -3.0, 0.0]
+
+
+def test_shapes_strides_and_empty():
+    x, alpha, weight, b, _ = _inputs((6, 8, 10), torch.float32, True)
+    transposed = x.transpose(0, 1)  # not contiguous
+    assert torch.allclose(dyt(transposed, alpha, weight, b), dyt(transposed.contiguous(), alpha, weight, b))
+    assert dyt(x[0, 0], alpha, weight, b).shape == (10,)
+    empty = torch.empty(0, 10, requires_grad=True)
+    out = dyt(empty, alpha, weight, b)
+    out.sum().backward()
+    assert out.shape == (0, 10) and empty.grad.shape == (0, 10)
+
+
+def test_thread_count_does_not_change_results_beyond_rounding():
+    inputs = _inputs((257, 33), torch.float32, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(dyt, *inputs)
+        torch.set_num_threads(2)
+        two = _grads(dyt, *inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1][0], two[1][0])  # elementwise: identical
+    for a, b in zip(one[1][1:], two[1][1:]):  # reductions: summation order differs
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_without_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(ops, "_kernel_state", {})
+    monkeypatch.setenv("FMS_DYT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    inputs = _inputs((40, 12), torch.float32, True)
+    with pytest.warns(UserWarning, match="compiling the DyT CPU kernel with false failed"):
+        y, grads = _grads(dyt, *inputs)
+    assert ops.cpu_kernel() is None
+    y_ref, grads_ref = _reference(*inputs)
+    assert _rel_err(y, y_ref) < 1e-6
+    for g, g_ref in zip(grads, grads_ref):
+        assert _rel_err(g, g_ref) < 1e-5
+
+
+def test_traced_by_torch_compile_without_graph_breaks():
+    # aot_eager: dynamo + AOT autograd see the op through its fake implementation, as inductor would,
+    # without the C++ build of inductor kernels (slow on CI machines).
+    x, alpha, weight, _, dy = _inputs((16, 24), torch.float32, False)
+
+    def block(x, alpha, weight):
+        return torch.nn.functional.silu(dyt(x, alpha, weight) * 2)
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    y_eager, g_eager = _grads(lambda x, a, w, b: block(x, a, w), x, alpha, weight, None, dy)
+    y_comp, g_comp = _grads(lambda x, a, w, b: compiled(x, a, w), x, alpha, weight, None, dy)
+    assert torch.allclose(y_eager, y_comp)
+    for a, b in zip(g_eager, g_comp):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,122 @@
+"""The planner: the paper's eight runs fit, FLOPs and activation memory agree with measurements."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from fms_dyt.config import load_config
+from fms_dyt.metrics import flops_per_token
+from fms_dyt.model import ModelArgs, Transformer
+from fms_dyt.norms import NormArgs
+from fms_dyt.parallel import checkpointed_blocks
+from fms_dyt.plan import GPUS, activation_bytes, measure_activation_bytes, plan
+
+PAPER_RUNS = {  # experiment: (nodes, GPUs per node) of Table 4
+    "llama7b_dyt": (64, 8), "llama7b_rmsnorm": (64, 8), "llama13b_dyt": (64, 8), "llama13b_rmsnorm": (64, 8),
+    "llama34b_dyt": (128, 8), "llama34b_rmsnorm": (128, 8), "llama70b_dyt": (128, 8), "llama70b_rmsnorm": (128, 8),
+}
+
+
+def _norm(kind):
+    return NormArgs(kind=kind, alpha_attn=0.8, alpha_ffn=0.2, alpha_final=0.2, embedding_scale=kind == "dyt")
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_RUNS))
+def test_paper_runs_fit_in_80_gib_on_their_own_layout(experiment):
+    p = plan(load_config([f"experiment={experiment}"]))
+    assert (p["layout"]["nodes"], p["layout"]["gpus_per_node"]) == PAPER_RUNS[experiment]
+    assert p["layout"]["grad_accum_steps"] == 1
+    assert 5 <= p["memory_per_gpu_gib"] <= 80 and p["fits"]
+    parts = p["memory_gib"]
+    assert set(parts) == {"params", "grads", "optimizer", "activations", "overhead"}
+    assert sum(parts.values()) == pytest.approx(p["memory_per_gpu_gib"], abs=0.01)
+    assert p["flops_per_token"] > 6 * p["n_params"] * 0.9
+    assert p["days"] == pytest.approx(200e9 / p["tokens_per_s"] / 86400, rel=1e-3)
+
+
+def test_cli_json_keeps_the_foundation_keys():
+    out = subprocess.run(
+        [sys.executable, "-m", "fms_dyt.plan", "experiment=llama13b_dyt", "--json", "--gpu", "a100"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    p = json.loads(out.stdout)
+    assert p["n_params"] == 13_015_864_320 + 2 * 40 + 1 + 1
+    assert p["alpha"] == {"attn": 0.6, "ffn": 0.15, "final": 0.15} and p["embedding_scale"] is True
+    assert {"memory_per_gpu_gib", "flops_per_token", "tokens_per_s", "days"} <= set(p)
+    assert p["layout"]["gpu"] == "a100" and p["gpu_memory_gib"] == 80.0
+
+
+def test_cli_rejects_a_cluster_that_does_not_divide_the_batch():
+    out = subprocess.run(
+        [sys.executable, "-m", "fms_dyt.plan", "experiment=llama7b_dyt", "--nodes", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2 and "train.global_batch_tokens" in out.stderr
+
+
+def test_sharding_and_checkpointing_move_memory_where_expected():
+    base = ["experiment=llama7b_rmsnorm"]
+    hybrid = plan(load_config(base))
+    full = plan(load_config(base + ["parallel.sharding=full"]))
+    # 512-way instead of 8-way shards of the fp32 optimizer state.
+    assert full["memory_gib"]["optimizer"] == pytest.approx(hybrid["memory_gib"]["optimizer"] / 64, rel=1e-2)
+    assert full["memory_gib"]["activations"] == hybrid["memory_gib"]["activations"]
+    ckpt = plan(load_config(base + ["parallel.activation_checkpointing=full"]))
+    assert ckpt["memory_gib"]["activations"] < hybrid["memory_gib"]["activations"] / 4
+    assert ckpt["layout"]["checkpointed_blocks"] == 32
+    twice = plan(load_config(base + ["parallel.sharding=full", "train.micro_batch_size=1"]), nodes=128)
+    assert twice["layout"]["world_size"] == 1024 and twice["layout"]["grad_accum_steps"] == 1
+    assert twice["memory_gib"]["optimizer"] == pytest.approx(full["memory_gib"]["optimizer"] / 2, rel=1e-2)
+    assert twice["tokens_per_s"] == pytest.approx(2 * full["tokens_per_s"], rel=1e-4)
+    h200 = plan(load_config(base), gpu="h200")
+    a100 = plan(load_config(base), gpu="a100")
+    assert h200["tokens_per_s_per_gpu"] / a100["tokens_per_s_per_gpu"] == pytest.approx(
+        GPUS["h200"].peak_flops / GPUS["a100"].peak_flops, rel=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,seq_len",
+    [
+        (dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, vocab_size=1000), 64),
+        (dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=None, ffn_dim=256, vocab_size=512), 256),
+        (dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=160, vocab_size=2000), 32),
+    ],
+)
+def test_flops_per_token_matches_flop_counter(shape, seq_len):
+    args = ModelArgs(max_seq_len=seq_len, **shape)
+    model = Transformer(args, _norm("dyt"))
+    tokens = torch.randint(0, args.vocab_size, (2, seq_len))
+    # The math backend runs attention as explicit matmuls, which FlopCounterMode counts on CPU.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens).float().logsumexp(-1).mean().backward()
+    measured = counter.get_total_flops() / tokens.numel()
+    assert flops_per_token(args, seq_len) == pytest.approx(measured, rel=0.02)
+
+
+ACTIVATION_CASES = [
+    # (model shape, micro-batch, seq, dtype, activation checkpointing)
+    (dict(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=352, vocab_size=512), 2, 128, torch.float32, "off"),
+    (dict(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=352, vocab_size=512), 2, 128, torch.bfloat16, "off"),
+    (dict(dim=96, n_layers=4, n_heads=6, n_kv_heads=None, ffn_dim=256, vocab_size=300), 1, 256, torch.bfloat16, "selective"),
+    (dict(dim=96, n_layers=4, n_heads=6, n_kv_heads=3, ffn_dim=256, vocab_size=300), 4, 64, torch.float32, "full"),
+    (dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=8000), 2, 64, torch.float32, "off"),
+]
+
+
+@pytest.mark.parametrize("kind", ["dyt", "rmsnorm"])
+@pytest.mark.parametrize("shape,batch,seq,dtype,ac", ACTIVATION_CASES)
+def test_activation_model_within_20_percent_of_measured_cpu_memory(kind, shape, batch, seq, dtype, ac):
+    args = ModelArgs(max_seq_len=seq, **shape)
+    ckpt = checkpointed_blocks(args.n_layers, ac, 0.5)
+    estimate = activation_bytes(args, kind, batch, seq, torch.empty((), dtype=dtype).element_size(), ckpt)
+    measured = measure_activation_bytes(args, _norm(kind), batch, seq, dtype, ckpt)
+    assert estimate["saved"] == pytest.approx(measured["saved"], rel=0.2)
+    assert estimate["peak"] == pytest.approx(measured["peak"], rel=0.2)
