@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fms_dyt.data.config import DataConfig, TokenizerConfig
+from fms_dyt.data.config import DataConfig, TokenizerConfig, validate_data
 from fms_dyt.model import ModelArgs
 from fms_dyt.norms import NORMS, NormArgs, alpha_from_table
 
@@ -181,6 +181,10 @@ def validate(cfg: DictConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    try:
+        validate_data(OmegaConf.to_object(cfg.data))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not 0 <= p.ac_fraction <= 1:
         raise ConfigError(f"parallel.ac_fraction={p.ac_fraction} must be within [0, 1]")
 

@@ -78,6 +78,13 @@ def train(cfg, data=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
+    if data is None:
+        from fms_dyt.data.tokenizer import TextEncoder
+
+        vocab = TextEncoder(cfg.tokenizer).vocab_size
+        if vocab > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer (tokenizer.path={cfg.tokenizer.path}) has {vocab} tokens but "
+                              f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size to at least {vocab}")
 
     args, norm = model_args(cfg), norm_args(cfg)
     with torch.device("meta"):
@@ -206,4 +213,5 @@ def main(cfg) -> None:
     except ConfigError as e:
         print(f"fms-dyt: configuration error: {e}", file=sys.stderr)
         code = 2
-    sys.exit(code)
+    if code:  # returning on success lets Hydra multirun launchers (submitit) record the job's result
+        sys.exit(code)
