@@ -126,7 +126,7 @@ def wait_for(predicate, what: str, timeout: float, job_id: str, log: Path):
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(0.2)
     subprocess.run(["scancel", job_id])
     text = log.read_text() if log.exists() else "(no log)"
     pytest.fail(f"timed out waiting for {what}; job {job_id}: {job_fields(job_id)}\n{text[-6000:]}")
@@ -192,7 +192,7 @@ def test_two_node_job_completes(slurm, tmp_path):
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     run_dir = tmp_path / "run"
-    max_steps = 10
+    max_steps = 12
     # no periodic checkpoint before the end: the one resumed from is the one the signal caused
     overrides = TINY + [f"train.max_steps={max_steps}", "checkpoint.interval=1000",
                         "logging.wandb.mode=offline", f"run_dir={run_dir}"]
