@@ -165,47 +165,51 @@ def check_task_names(manager, tasks: list[str]) -> None:
         )
 
 
-def task_dataset(manager, name: str) -> str:
-    """``dataset_path`` (with ``dataset_name`` and local files) of a task, for messages."""
+def task_source(manager, name: str) -> dict:
+    """Where a task's data come from: ``dataset_path``, ``dataset_name`` and local ``data_files``."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = manager.task_index.get(name)
     cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry is not None and entry.yaml_path else {}
-    path, sub = cfg.get("dataset_path", "?"), cfg.get("dataset_name")
-    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
-    return f"{path}" + (f" ({sub})" if sub else "") + (f" files {files}" if files else "")
+    return {"path": cfg.get("dataset_path", "?"), "name": cfg.get("dataset_name"),
+            "data_files": (cfg.get("dataset_kwargs") or {}).get("data_files")}
 
 
-def is_local_dataset(described: str) -> bool:
-    return described.split(" ", 1)[0] in LOCAL_BUILDERS or Path(described.split(" ", 1)[0]).exists()
+def describe(source: dict) -> str:
+    return (source["path"] + (f" ({source['name']})" if source["name"] else "")
+            + (f" files {source['data_files']}" if source["data_files"] else ""))
+
+
+def is_local(source: dict) -> bool:
+    """True for data read from local files (a datasets builder such as json, or a local folder)."""
+    return source["path"] in LOCAL_BUILDERS or Path(source["path"]).exists()
 
 
 def load_tasks(manager, tasks: list[str], include_paths: list[Path] = (), progress=print) -> dict:
     """Build each task (this loads its data); all missing data is reported at once."""
     loaded, missing = {}, []
     for i, name in enumerate(tasks, 1):
-        described = task_dataset(manager, name)
-        progress(f"[{i}/{len(tasks)}] {name}: {described}")
+        source = task_source(manager, name)
+        progress(f"[{i}/{len(tasks)}] {name}: {describe(source)}")
         try:
-            built = manager.load([name])["tasks"]
-        except OSError as e:  # offline, not cached, no such file: all OSError subclasses
-            missing.append((name, described, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
-            continue
-        loaded.update(built)
+            loaded.update(manager.load([name])["tasks"])
+        except (OSError, ValueError) as e:
+            # Offline and not cached, or no such file: OSError subclasses. datasets raises a
+            # ValueError when the cache holds the dataset but not this configuration.
+            if isinstance(e, ValueError) and "Couldn't find cache" not in str(e):
+                raise
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            missing.append((name, source, f"{type(e).__name__}: {first_line}"))
     if missing:
-        hub = [m for m in missing if not is_local_dataset(m[1])]
-        lines = [f"  {name}: {described}\n      {why}" for name, described, why in missing]
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        msg = (
-            f"the data of {len(missing)} task(s) could not be loaded"
-            + (" (offline: HF_DATASETS_OFFLINE=1)" if offline else "") + ":\n" + "\n".join(lines)
-        )
+        msg = (f"the data of {len(missing)} task(s) could not be loaded"
+               + (" (offline: HF_DATASETS_OFFLINE=1)" if offline else "") + ":\n"
+               + "\n".join(f"  {name}: {describe(source)}\n      {why}" for name, source, why in missing))
+        hub = [name for name, source, _ in missing if not is_local(source)]
         if hub:
-            msg += (
-                "\nFetch the Hugging Face datasets on a machine with network access, then copy its "
-                "Hugging Face cache (~/.cache/huggingface, or $HF_HOME) here:\n  "
-                + prefetch_command([m[0] for m in hub], include_paths)
-            )
+            msg += ("\nFetch the Hugging Face datasets on a machine with network access, then copy its "
+                    "Hugging Face cache (~/.cache/huggingface, or $HF_HOME) here:\n  "
+                    + prefetch_command(hub, include_paths))
         if len(hub) < len(missing):
             msg += "\nLocal data files are read relative to the current directory: check the paths above."
         raise EvalError(msg)
@@ -257,8 +261,10 @@ def load_model(ckpt: Path):
         from fms_dyt.data import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
-        step_dir = ckpt if (ckpt / "meta.json").is_file() else None
-        run_dir = step_dir.parent.parent if step_dir is not None and step_dir.parent.name == "checkpoints" else ckpt
+        if not (ckpt / "meta.json").is_file():
+            run_dir = ckpt
+        else:  # a step directory: its run, unless it was copied out of one
+            run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     info = {
         "path": str(ckpt.resolve()),
         "kind": "exported" if exported else "training",
@@ -446,7 +452,7 @@ def build_report(out: dict, task_names: list[str], ckpt_info: dict, model, setti
 
 def default_output(info: dict, limit) -> Path:
     suffix = f"_limit{limit}" if limit is not None else ""
-    if info["kind"] == "training":
+    if info["run_dir"]:
         return Path(info["run_dir"]) / "eval" / f"zero_shot_step_{info['step']}{suffix}.json"
     return Path(f"zero_shot_{Path(info['path']).name}{suffix}.json")
 

@@ -217,7 +217,8 @@ def test_default_tasks_are_found_without_indexing_all_of_lm_eval():
     manager = zero_shot.task_manager(zero_shot.DEFAULT_TASKS)
     zero_shot.check_task_names(manager, zero_shot.DEFAULT_TASKS)
     assert len(manager.all_tasks) < 500  # only the few folders of the 15 tasks (lm-eval has ~15k)
-    assert zero_shot.task_dataset(manager, "arc_easy") == "allenai/ai2_arc (ARC-Easy)"
+    source = zero_shot.task_source(manager, "arc_easy")
+    assert zero_shot.describe(source) == "allenai/ai2_arc (ARC-Easy)" and not zero_shot.is_local(source)
 
 
 def test_unknown_task_names_are_reported_with_suggestions():

@@ -137,6 +137,18 @@ def test_a_step_directory_and_the_json_file(run_dir, manager, tmp_path):
     assert saved["training_config"]["train"]["max_steps"] == STEPS
 
 
+def test_a_step_directory_copied_out_of_its_run(run_dir, tmp_path):
+    import shutil
+
+    copied = tmp_path / f"step_{INTERVAL}"
+    shutil.copytree(run_dir / "checkpoints" / f"step_{INTERVAL}", copied)
+    _, _, info = zero_shot.load_model(copied)
+    assert info["kind"] == "training" and info["step"] == INTERVAL and info["run_dir"] is None
+    assert zero_shot.default_output(info, None) == Path(f"zero_shot_step_{INTERVAL}.json")
+    with pytest.raises(zero_shot.EvalError, match="cannot load CKPT"):
+        zero_shot.load_model(tmp_path / "empty_run")
+
+
 def test_batch_size_auto_finds_the_largest_that_runs(run_dir, manager):
     report = evaluate(run_dir, ["tiny_piqa"], manager, "--limit", "2", "--max-batch-size", "4", batch_size="auto")
     assert report["evaluation"]["batch_size"] == "auto"
