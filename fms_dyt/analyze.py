@@ -107,7 +107,7 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
     curves = _loss_curves(runs, result.notes)
     if curves:
         result.figures["loss.png"] = F.loss_figure(curves, smooth)
-        window = f"{smooth} logged points" if smooth else "1/25 of each run's logged points (odd, at least 1)"
+        window = f"{smooth} logged points" if smooth else "about 1/20 of each run's logged points (at least 3)"
         sections.append(figure_section(
             "Training loss",
             f"Lines: centred moving average over {window}; points: every logged step. The y-axis leaves out the "
@@ -171,9 +171,10 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
             "Norm layers: input against output",
             "Each panel: one norm layer's input x against its output before the γ scale (x / RMS(x) for RMSNorm, "
             "tanh(αx) for DyT), as in the paper's Figures 2 and 4. Grey: a random sample of all elements of "
-            f"{max_tokens} random tokens. Coloured by token: every channel of four tokens picked across the range "
-            "of their RMS (under RMSNorm each token is a straight line of slope 1/RMS). Coloured by channel: "
-            "the three channels with the largest inputs and one median channel.\n\nInputs:\n" + "\n".join(batches),
+            f"{max_tokens} random tokens of the batch. Coloured by token: every channel of four tokens spread over "
+            "the range of their RMS (under RMSNorm each token is a straight line of slope 1/RMS). Coloured by channel: "
+            "the three channels with the largest inputs and one median channel. The same tokens and channels are "
+            "coloured in every panel.\n\nInputs:\n" + "\n".join(batches),
             io_files))
 
     table = results_table(runs)
@@ -212,7 +213,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="random tokens of the batch kept for the maps (default 512)")
     p.add_argument("--points", type=int, default=4000, help="grey background points per panel (default 4000)")
     p.add_argument("--smooth", type=int, default=None,
-                   help="moving-average window of the loss curves, in logged points (default: 1/25 of a run's points)")
+                   help="moving-average window of the loss curves, in logged points (default: about 1/20 of a run's points)")
     p.add_argument("--device", default="cpu", help="where the checkpoint runs: cpu (default), cuda, cuda:N")
     p.add_argument("--no-checkpoint", dest="checkpoints", action="store_false",
                    help="skip the checkpoint: no input/output maps, no α against depth")

@@ -281,11 +281,14 @@ def test_cli_errors_name_the_bad_run(tmp_path, capsys):
 
 
 def test_cli_writes_the_report(runs, tmp_path, capsys):
-    assert main([str(runs[1]), str(runs[0]), "--out", str(tmp_path / "o"), "--batch", "random",
-                 "--sites", "attn:0,final", "--points", "500"]) == 0
+    assert main([str(runs[1]), "--out", str(tmp_path / "o"), "--no-checkpoint", "--smooth", "3"]) == 0
     out = capsys.readouterr().out
-    assert f"report: {tmp_path / 'o' / 'report.md'}" in out
-    assert (tmp_path / "o" / "norm_io_token_rms.png").is_file()
+    assert out.splitlines() == [str(tmp_path / "o" / "loss.png"), f"report: {tmp_path / 'o' / 'report.md'}",
+                                "note: --no-checkpoint: no input/output maps and no α against depth"]
+    assert "centred moving average over 3 logged points" in (tmp_path / "o" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main([str(runs[1]), "--out", str(tmp_path / "o"), "--points", "0"])
+    assert "--points=0 must be positive" in capsys.readouterr().err
 
 
 def test_exported_models_get_maps_and_alpha_but_no_curves(runs, tmp_path):

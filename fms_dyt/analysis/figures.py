@@ -69,7 +69,8 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def default_window(n: int) -> int:
-    return max(1, n // 25) | 1
+    """About 1/20 of the logged points, odd, at least 3 (short runs of under 9 points are not smoothed)."""
+    return max(3, n // 20) | 1 if n >= 9 else 1
 
 
 def _after_start(curve: Curve, values: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ def loss_figure(curves: Sequence[Curve], window: Optional[int] = None) -> Figure
             w = window or default_window(len(c.values))
             s = smooth(c.values, w)
             smoothed.append(s)
-            ax.scatter(c.tokens / div, c.values, s=7, color=c.color, alpha=0.25, linewidths=0, rasterized=True,
+            ax.scatter(c.tokens / div, c.values, s=9, color=c.color, alpha=0.3, linewidths=0, rasterized=True,
                        gid="series")
             ax.plot(c.tokens / div, s, color=c.color, lw=2, label=c.label, gid="series")
             tail = _after_start(c, s)
