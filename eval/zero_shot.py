@@ -395,10 +395,9 @@ def format_table(report: dict) -> str:
         )
         last = r["task"]
     lines.append("")
-    lines.append(f"primary mean   = {avg['primary_mean']['value']:.4f}  ({avg['primary_mean']['n']} numbers): "
-                 f"{avg['primary_mean']['definition']}")
-    lines.append(f"OpenLLaMA mean = {avg['openllama_mean']['value']:.4f}  ({avg['openllama_mean']['n']} numbers): "
-                 f"{avg['openllama_mean']['definition']}")
+    for label, key in (("primary mean  ", "primary_mean"), ("OpenLLaMA mean", "openllama_mean")):
+        a = avg[key]
+        lines.append(f"{label} = {a['value']:.4f}  ({a['n']} number{'s' if a['n'] != 1 else ''}): {a['definition']}")
     return "\n".join(lines)
 
 
@@ -468,8 +467,9 @@ def write_json(report: dict, path: Path) -> None:
 def log_wandb(report: dict, mode: str, project: str | None) -> str:
     """Log the scores: into the training run (its id from <run_dir>/wandb_id), else a new run.
 
-    Returns the run's local directory. Scores are logged against ``eval/step`` (the training step)
-    so they plot next to the training curves without disturbing W&B's own step counter.
+    Returns the run's local folder. Scores are logged against ``eval/step`` (the training step) so
+    they plot next to the training curves without disturbing W&B's own step counter. Run it after
+    training has finished: W&B takes one writer per run.
     """
     import wandb
 
@@ -502,7 +502,10 @@ def log_wandb(report: dict, mode: str, project: str | None) -> str:
         data=[[r["task"], r["metric"], r["value"], r["stderr"], primary[r["task"]] == r["metric"]] for r in report["rows"]],
     )
     run.log({**scores, "eval/zero_shot": table})
-    where = run.dir
+    # Also as summary values: W&B drops history rows that a resumed run logs below its last step
+    # (an offline run synced into the training run), but never summary updates.
+    run.summary.update(scores)
+    where = str(Path(run.dir).parent)  # the run's folder (run.dir is its files/ subfolder)
     run.finish()
     return where
 

@@ -168,7 +168,8 @@ def test_bos_is_prepended_and_eos_never():
 # ---- W&B -------------------------------------------------------------------------------------------
 class FakeRun:
     def __init__(self, **kwargs):
-        self.init, self.logged, self.metrics, self.finished, self.dir = kwargs, [], [], False, "wandb-dir"
+        self.init, self.logged, self.metrics, self.finished = kwargs, [], [], False
+        self.summary, self.dir = {}, "wandb/run-x/files"
 
     def define_metric(self, name, **kwargs):
         self.metrics.append((name, kwargs))
@@ -214,6 +215,7 @@ def test_wandb_logs_into_the_training_run(fake_wandb, tmp_path):
     assert logged["eval/step"] == 7 and logged["eval/a/acc_norm"] == 0.5
     assert logged["eval/avg_primary"] == 0.5 and logged["eval/avg_openllama"] == pytest.approx(0.375)
     assert logged["eval/zero_shot"][2][1] == ["a", "acc_norm", 0.5, 0.1, True]
+    assert run.summary["eval/avg_primary"] == 0.5 and run.summary["eval/a/acc"] == 0.25
     assert run.finished
 
 
