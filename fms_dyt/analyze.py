@@ -36,7 +36,7 @@ import numpy as np
 from fms_dyt.analysis import figures as F
 from fms_dyt.analysis.activations import (analysis_batch, capture_norm_io, checkpoint_alphas, parse_sites,
                                           token_namer)
-from fms_dyt.analysis.report import figure_section, results_table, runs_table
+from fms_dyt.analysis.report import FINAL_LOSS_RECORDS, figure_section, results_table, runs_table
 from fms_dyt.analysis.runs import ALPHA_KEY, AnalysisError, Run, load_runs
 
 log = logging.getLogger("fms_dyt.analyze")
@@ -100,21 +100,10 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
             device: str = "cpu", checkpoints: bool = True, seed: int = 0) -> Analysis:
     """Draw every figure the runs allow, save them as PNGs in ``out`` and write ``out/report.md``."""
     runs = load_runs(paths)
+    site_lists = {r.name: parse_sites(sites, r.n_layers) for r in runs}  # a bad --sites fails before any work
     result = Analysis(Path(out))
     result.out.mkdir(parents=True, exist_ok=True)
-    sections: list[str] = []
-
-    curves = _loss_curves(runs, result.notes)
-    if curves:
-        result.figures["loss.png"] = F.loss_figure(curves, smooth)
-        window = f"{smooth} logged points" if smooth else "about 1/20 of each run's logged points (at least 3)"
-        sections.append(figure_section(
-            "Training loss",
-            f"Lines: centred moving average over {window}; points: every logged step. The y-axis leaves out the "
-            f"first {F.CLIP_FRACTION:.0%} of each run's tokens, where the loss falls from ln(vocab). "
-            + ("The lower panel shows each smoothed curve minus the first run's, on the tokens both runs have."
-               if len(curves) > 1 else ""),
-            [("training loss against tokens", "loss.png")]))
+    sections = [_loss_section(runs, result, smooth)]
 
     alpha_files = []
     for run in runs:
@@ -128,59 +117,41 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
 
     depth, io_files, batches = [], [], []
     if checkpoints:
-        import torch
-
-        from fms_dyt.checkpoint import load_for_inference
-
         for i, run in enumerate(runs):
             if run.checkpoint is None:
                 result.notes.append(f"{run.name}: no complete checkpoint: no input/output maps" +
                                     (" and no α against depth" if run.is_dyt else ""))
                 continue
-            log.info("%s: loading %s", run.name, run.checkpoint)
-            with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                model, _, _ = load_for_inference(run.checkpoint)
-            transformer = model.model.to(torch.device(device))
-            tokens, where, from_run = analysis_batch(run, batch, batch_size, seq_len, transformer.args.vocab_size, seed)
-            namer = token_namer(run) if from_run else None
+            alphas, where = _checkpoint_figures(run, result, io_files, site_lists[run.name], batch=batch,
+                                                batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
+                                                points=points, device=device, seed=seed)
             batches.append(f"- {run.name} (checkpoint `{run.checkpoint}`): {where}")
-            captures = capture_norm_io(transformer, tokens, parse_sites(sites, run.n_layers), max_tokens, seed)
-            for color_by in ("token", "channel"):
-                name = f"norm_io_{color_by}_{_slug(run.name)}.png"
-                result.figures[name] = F.norm_io_figure(run.label, captures, color_by, points, seed=seed,
-                                                        token_name=namer)
-                io_files.append((f"norm input/output by {color_by}, {run.name}", name))
-            alphas = checkpoint_alphas(transformer)
             if alphas is not None:
                 depth.append(F.DepthAlphas(run.label, F.run_color(i), alphas["attn"], alphas["ffn"], alphas["final"]))
-            del model, transformer
     else:
         result.notes.append("--no-checkpoint: no input/output maps and no α against depth")
 
     if depth:
         result.figures["alpha_depth.png"] = F.alpha_depth_figure(depth)
         alpha_files.append(("α against depth", "alpha_depth.png"))
-    if alpha_files:
-        sections.append(figure_section(
-            "Learned α and the embedding scalar",
-            "α is DyT's single learnable scalar per norm layer, y = γ · tanh(α x). Over training: one line per "
-            "layer, coloured by depth; dotted: α₀. Against depth: α at the analysed checkpoint.", alpha_files))
-    if io_files:
-        sections.append(figure_section(
-            "Norm layers: input against output",
-            "Each panel: one norm layer's input x against its output before the γ scale (x / RMS(x) for RMSNorm, "
-            "tanh(αx) for DyT), as in the paper's Figures 2 and 4. Grey: a random sample of all elements of "
-            f"{max_tokens} random tokens of the batch. Coloured by token: every channel of four tokens spread over "
-            "the range of their RMS (under RMSNorm each token is a straight line of slope 1/RMS). Coloured by channel: "
-            "the three channels with the largest inputs and one median channel. The same tokens and channels are "
-            "coloured in every panel.\n\nInputs:\n" + "\n".join(batches),
-            io_files))
+    sections.append(figure_section(
+        "Learned α and the embedding scalar",
+        "α is DyT's single learnable scalar per norm layer, y = γ · tanh(α x). Over training: one line per "
+        "layer, coloured by depth; dotted: α₀. Against depth: α at the analysed checkpoint.", alpha_files)
+        if alpha_files else "")
+    sections.append(figure_section(
+        "Norm layers: input against output",
+        "Each panel: one norm layer's input x against its output before the γ scale (x / RMS(x) for RMSNorm, "
+        "tanh(αx) for DyT), as in the paper's Figures 2 and 4. Grey: a random sample of all elements of "
+        f"{max_tokens} random tokens of the batch. Coloured by token: every channel of four tokens spread over "
+        "the range of their RMS (under RMSNorm each token is a straight line of slope 1/RMS). Coloured by channel: "
+        "the three channels with the largest inputs and one median channel. The same tokens and channels are "
+        "coloured in every panel.\n\nInputs:\n" + "\n".join(batches), io_files) if io_files else "")
 
     table = results_table(runs)
     sections.append("## Zero-shot results\n\n" + (
         table + "\n\nScores are lm-eval's, written by `eval/zero_shot.py`; final loss is the mean training loss "
-        "of the last 10 logged steps." if table else
+        f"of the last {FINAL_LOSS_RECORDS} logged steps." if table else
         "No results files of `eval/zero_shot.py` in `<run_dir>/eval/*.json`; run "
         "`python eval/zero_shot.py RUN` to add the Table-4-style results table.") + "\n")
 
@@ -190,9 +161,46 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
     runs_list = "\n".join(f"- **{r.name}**: `{r.given}` ({r.label})" for r in runs)
     notes = "\n".join(f"- {n}" for n in result.notes)
     result.report.write_text(
-        "# fms-dyt analysis\n\n" + runs_list + "\n\n" + runs_table(runs) + "\n\n" + "\n".join(sections)
+        "# fms-dyt analysis\n\n" + runs_list + "\n\n" + runs_table(runs) + "\n\n" + "\n".join(filter(None, sections))
         + (f"\n## Left out\n\n{notes}\n" if notes else ""))
     return result
+
+
+def _loss_section(runs: list[Run], result: Analysis, smooth: Optional[int]) -> str:
+    curves = _loss_curves(runs, result.notes)
+    if not curves:
+        return ""
+    result.figures["loss.png"] = F.loss_figure(curves, smooth)
+    window = f"{smooth} logged points" if smooth else "about 1/20 of each run's logged points (at least 3)"
+    return figure_section(
+        "Training loss",
+        f"Lines: centred moving average over {window}; points: every logged step. The y-axis leaves out the "
+        f"first {F.CLIP_FRACTION:.0%} of each run's tokens, where the loss falls from ln(vocab). "
+        + ("The lower panel shows each smoothed curve minus the first run's, on the tokens both runs have."
+           if len(curves) > 1 else ""),
+        [("training loss against tokens", "loss.png")])
+
+
+def _checkpoint_figures(run: Run, result: Analysis, io_files: list, sites: list[str], *, batch, batch_size, seq_len,
+                        max_tokens, points, device, seed) -> tuple[Optional[dict], str]:
+    """The input/output maps of one run's checkpoint; returns its α (None without DyT) and where the batch came from."""
+    import torch
+
+    from fms_dyt.checkpoint import load_for_inference
+
+    log.info("%s: loading %s", run.name, run.checkpoint)
+    with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        model, _, _ = load_for_inference(run.checkpoint)
+    transformer = model.model.to(torch.device(device))
+    tokens, where, from_run = analysis_batch(run, batch, batch_size, seq_len, transformer.args.vocab_size, seed)
+    namer = token_namer(run) if from_run else None
+    captures = capture_norm_io(transformer, tokens, sites, max_tokens, seed)
+    for color_by in ("token", "channel"):
+        name = f"norm_io_{color_by}_{_slug(run.name)}.png"
+        result.figures[name] = F.norm_io_figure(run.label, captures, color_by, points, seed=seed, token_name=namer)
+        io_files.append((f"norm input/output by {color_by}, {run.name}", name))
+    return checkpoint_alphas(transformer), where
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -278,6 +277,12 @@ def test_cli_errors_name_the_bad_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "not a training run (no config.yaml or metrics.jsonl)" in capsys.readouterr().err
+
+
+def test_a_bad_site_fails_before_any_figure(runs, tmp_path, capsys):
+    assert main([str(runs[0]), "--out", str(tmp_path / "o"), "--sites", "attn:0,ffn:9"]) == 2
+    assert "--sites item 'ffn:9': the model has layers 0..1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_writes_the_report(runs, tmp_path, capsys):
