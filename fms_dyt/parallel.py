@@ -45,6 +45,11 @@ def _free_port() -> int:
 
 def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     """Join the process group torchrun set up, or make a one-process group for ``python train.py``."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        # Hydra sweeps through submitit: one process per GPU started by srun, ranks from Slurm
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
