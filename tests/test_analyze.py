@@ -202,7 +202,7 @@ def test_results_table_from_eval_files(runs, tmp_path):
     assert "| average, OpenLLaMA (all metric rows) | 0.6500 (3 rows) | — |" in table
     assert "| piqa (acc_norm) | 0.6500 | — |" in table
     losses = [r["loss"] for r in read_metrics(dyt / "metrics.jsonl").records]
-    assert f"| score / final loss (Table 4) | 0.700 / {np.mean(losses[-10:]):.2f} | — |" in table
+    assert f"| primary average / final loss (as Table 4) | 0.700 / {np.mean(losses[-10:]):.2f} | — |" in table
     assert "skipped `notes.json: KeyError" in table
     assert set(result.figures) == {"loss.png", "alpha_dyt.png"}
     assert "--no-checkpoint" in text

@@ -59,7 +59,7 @@ def results_table(runs: Sequence[Run]) -> Optional[str]:
         return None
     header = ["", *(r.label for r in runs)]
     rows = [
-        ["score / final loss (Table 4)",
+        ["primary average / final loss (as Table 4)",
          *(f"{e.primary_mean:.3f} / {_fmt(final_loss(r.metrics, FINAL_LOSS_RECORDS), 2)}" if e else "—"
            for r, e in zip(runs, picked))],
         ["average, primary metric per task", *(f"{e.primary_mean:.4f} ({e.primary_n} tasks)" if e else "—" for e in picked)],
