@@ -64,6 +64,12 @@ def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, t
                 compared += 1
         assert {k for k in theirs[task] if "," in k} == {k for k in report["lm_eval_results"][task] if "," in k}
     assert compared == 2 * (2 + 2 + 2 + 1)  # every metric and its stderr
+    # zero_shot.py also takes the exported directory itself (its own tokenizer, no training config).
+    direct = zero_shot.run(zero_shot.parse_args([str(exported), "--include-path", str(TASK_DATA), "--tasks",
+                                                 "tiny_truthfulqa_mc2", "--batch-size", "4"]))
+    assert direct["checkpoint"]["kind"] == "exported" and direct["checkpoint"]["step"] is None
+    assert direct["training_config"] is None and direct["model"]["norm"]["kind"] == "dyt"
+    assert direct["rows"][0]["value"] == pytest.approx(theirs["tiny_truthfulqa_mc2"]["acc,none"], abs=1e-6)
 
 
 def test_offline_without_cache_fails_fast_naming_the_dataset(run_dir, tmp_path):
