@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for item in args.tasks for t in item.split(",") if t]
     zero_shot._setup_logging()
     log = logging.getLogger("fms_dyt.eval")
+    # Without the hub, report what is cached already and what is not, instead of retrying for minutes.
+    zero_shot.offline_if_hub_unreachable()
     try:
         manager = zero_shot.task_manager(tasks, args.include_path)
         zero_shot.check_task_names(manager, tasks)

@@ -42,7 +42,7 @@ def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, t
         env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what main() would set after probing the hub here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what main() sets after probing the hub here
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     try:
         code = zero_shot.main([str(run_dir), "--include-path", str(TASK_DATA), "--tasks", *AGREEMENT_TASKS,
@@ -84,7 +84,14 @@ def test_offline_without_cache_fails_fast_naming_the_dataset(run_dir, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_prefetch_loads_every_task(monkeypatch, caplog):
+@pytest.fixture()
+def offline_env(monkeypatch):
+    """What prefetch sets after probing the hub here; monkeypatch restores it afterwards."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def test_prefetch_loads_every_task(monkeypatch, caplog, offline_env):
     monkeypatch.chdir(REPO)
     caplog.set_level("INFO", logger="fms_dyt.eval")
     assert prefetch.main(["--tasks", "tiny_arc_easy,tiny_record", "--include-path", str(TASK_DATA)]) == 0
@@ -92,7 +99,7 @@ def test_prefetch_loads_every_task(monkeypatch, caplog):
     assert any("tiny_record" in m and m.rstrip().endswith("4 documents") for m in caplog.messages)
 
 
-def test_prefetch_reports_missing_local_files(monkeypatch, tmp_path, capsys):
+def test_prefetch_reports_missing_local_files(monkeypatch, tmp_path, capsys, offline_env):
     monkeypatch.chdir(tmp_path)  # the local tasks' relative data paths do not resolve here
     assert prefetch.main(["--tasks", "tiny_piqa", "--include-path", str(TASK_DATA)]) == 2
     err = capsys.readouterr().err
