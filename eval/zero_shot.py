@@ -36,7 +36,6 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-REPO = Path(__file__).resolve().parent.parent
 FMS_DYT_TASKS = Path(__file__).resolve().parent / "tasks"  # always on the include path (record)
 
 DEFAULT_TASKS = [
