@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -59,15 +60,19 @@ def _train(run_dir: Path, norm: str) -> Path:
         "parallel.param_dtype=float32", "logging.interval=1", "logging.wandb.mode=disabled", "optim.lr=3e-3",
         "optim.warmup_steps=2", "checkpoint.interval=3", "checkpoint.keep=0", f"run_dir={run_dir}",
     ])
-    saved = dict(os.environ)
-    with socket.socket() as s:  # a one-process group per run, on a port nobody holds
+    # train() sets up a one-process group (env vars) and SIGTERM/SIGUSR1 handlers: give this pytest process them back.
+    saved_env = dict(os.environ)
+    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     try:
         assert train(cfg, data=RepeatedHalves()) == 0
     finally:
         os.environ.clear()
-        os.environ.update(saved)
+        os.environ.update(saved_env)
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
     return run_dir
 
 
