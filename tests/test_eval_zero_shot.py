@@ -28,11 +28,12 @@ def trained_run(tmp_path_factory) -> Path:
     """A quickstart run of a few steps, trained once per test session (shared by the eval test files)."""
     run = tmp_path_factory.getbasetemp() / "eval_trained_run"
     if not (run / "checkpoints" / f"step_{STEPS}" / "meta.json").is_file():
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "train.py", "experiment=quickstart", f"train.max_steps={STEPS}",
              f"checkpoint.interval={INTERVAL}", f"run_dir={run}", "logging.wandb.mode=disabled"],
-            cwd=REPO, check=True, timeout=600, capture_output=True,
+            cwd=REPO, timeout=600, capture_output=True, text=True,
         )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return run
 
 
