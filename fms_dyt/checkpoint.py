@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -158,9 +159,14 @@ def load_for_inference(path: str | Path):
         return model.eval(), None, {}
     ckpt = resolve_checkpoint(path)
     cfg = OmegaConf.load(ckpt / "config.yaml")
-    model = FmsDytForCausalLM(FmsDytConfig.from_args(model_args(cfg), norm_args(cfg)))
+    with torch.device("meta"):  # no random init of weights that are about to be overwritten
+        model = FmsDytForCausalLM(FmsDytConfig.from_args(model_args(cfg), norm_args(cfg)))
+    model.to_empty(device="cpu")
     state = {"model": model.model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    with warnings.catch_warnings():  # DCP says it runs without a process group: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     model.model.load_state_dict(state["model"])
+    model.model.init_buffers()
     meta = json.loads((ckpt / "meta.json").read_text())
     return model.eval(), cfg, meta
