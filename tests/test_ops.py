@@ -10,6 +10,20 @@ import torch
 from fms_dyt import ops
 from fms_dyt.ops import _DyTFunction, dyt, dyt_reference
 
+def pytorch_formulation(x, alpha, weight, bias=None):
+    """What GPUs (and CPUs without a compiler) run."""
+    return _DyTFunction.apply(x, alpha, weight, bias, False)
+
+
+def custom_op(x, alpha, weight, bias=None):
+    """What torch.compile sees on CPU."""
+    return torch.ops.fms_dyt.dyt(x, alpha, weight, bias)
+
+
+IMPLEMENTATIONS = pytest.mark.parametrize(
+    "fn", [dyt, custom_op, pytorch_formulation], ids=["cpu_kernel", "custom_op", "pytorch"]
+)
+
 needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
 
 
@@ -45,24 +59,17 @@ def test_cpu_kernel_builds():
     assert ops.cpu_kernel() is not None
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("bias", [False, True])
-def test_gradcheck_fp64_cpu_op(bias):
+def test_gradcheck_fp64(fn, bias):
     x, alpha, weight, b, _ = _inputs((2, 3, 5), torch.float64, bias)
     args = [t.requires_grad_() for t in (x, alpha, weight)] + [None if b is None else b.requires_grad_()]
-    assert torch.autograd.gradcheck(dyt, tuple(args))
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_gradcheck_fp64_pytorch_formulation(bias):
-    # The formulation GPUs (and CPUs without a compiler) run.
-    x, alpha, weight, b, _ = _inputs((2, 3, 5), torch.float64, bias)
-    args = [t.requires_grad_() for t in (x, alpha, weight)] + [None if b is None else b.requires_grad_()]
-    assert torch.autograd.gradcheck(_DyTFunction.apply, tuple(args))
+    assert torch.autograd.gradcheck(fn, tuple(args))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-6), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("fn", [dyt, _DyTFunction.apply], ids=["cpu_op", "pytorch"])
+@IMPLEMENTATIONS
 def test_matches_fp64_formula(dtype, tol, bias, fn):
     # 300 rows: more than one fp32 accumulation block of the kernel, split across threads.
     inputs = _inputs((300, 2, 67), dtype, bias)
@@ -74,10 +81,11 @@ def test_matches_fp64_formula(dtype, tol, bias, fn):
         assert _rel_err(g, g_ref) < tol
 
 
-def test_mixed_precision_params_fp32_input_bf16():
+@IMPLEMENTATIONS
+def test_mixed_precision_params_fp32_input_bf16(fn):
     # FSDP2 with param_dtype=bf16 keeps fp32 norm params when they are wrapped apart: x bf16, params fp32.
     x, alpha, weight, b, dy = _inputs((64, 48), torch.bfloat16, True)
-    y, (gx, ga, gw, gb) = _grads(dyt, x, alpha.float(), weight.float(), b.float(), dy)
+    y, (gx, ga, gw, gb) = _grads(fn, x, alpha.float(), weight.float(), b.float(), dy)
     assert y.dtype == gx.dtype == torch.bfloat16
     assert ga.dtype == gw.dtype == gb.dtype == torch.float32
     y_ref, (gx_ref, ga_ref, gw_ref, gb_ref) = _reference(x, alpha.float(), weight.float(), b.float(), dy)
@@ -167,3 +175,68 @@ def test_traced_by_torch_compile_without_graph_breaks():
     assert torch.allclose(y_eager, y_comp)
     for a, b in zip(g_eager, g_comp):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _fsdp_worker(rank, world, port, x, out_path):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _fsdp_model()
+        mesh = init_device_mesh("cpu", (world,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        y = model(x.chunk(world)[rank])
+        y.float().pow(2).mean().backward()
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"y_dtype": y.dtype, "grads": grads}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_model():
+    from fms_dyt.norms import DyT
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DyT(16, 0.5, beta=True), torch.nn.Linear(16, 16), DyT(16, 0.3))
+    with torch.no_grad():  # away from the initial constants, so every gradient is informative
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_fsdp2_bf16_mixed_precision_two_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from torch.func import functional_call
+
+    x = torch.randn(8, 5, 16) * 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_worker, args=(2, port, x, str(tmp_path / "out.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "out.pt")
+    assert got["y_dtype"] == torch.bfloat16
+    # Reference: fp32 parameters cast to bf16 for compute, each rank's loss averaged, as FSDP2 does.
+    model = _fsdp_model()
+    params = dict(model.named_parameters())
+    loss = sum(
+        functional_call(model, {n: p.to(torch.bfloat16) for n, p in params.items()}, (part.to(torch.bfloat16),))
+        .float().pow(2).mean()
+        for part in x.chunk(2)
+    ) / 2
+    loss.backward()
+    for name, p in params.items():
+        g = got["grads"][name]
+        assert g.dtype == torch.float32
+        assert _rel_err(g, p.grad.double()) < 1e-5, name

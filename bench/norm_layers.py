@@ -1,0 +1,73 @@
+"""DyT against RMSNorm, one layer, forward + backward: the paper's Table 7 comparison and more.
+
+Our default DyT layer (``fms_dyt.norms.DyT``, the fused op) against (1) transformers' own
+``LlamaRMSNorm`` run eagerly, as the paper compared, and (2) the fastest RMSNorm this machine
+offers: ``LlamaRMSNorm`` under ``torch.compile`` or ``torch.nn.functional.rms_norm``. Every
+candidate gets the same input and the same output gradient; parameter gradients are computed too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from harness import interleaved, median, medians_ms, ratio
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from fms_dyt.norms import DyT
+
+
+class _FunctionalRMSNorm(torch.nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def _fwd_bwd(layer: torch.nn.Module, x0: torch.Tensor, dy: torch.Tensor):
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x = x0.detach().requires_grad_(True)
+        layer(x).backward(dy)
+    return run
+
+
+def compare(tokens: int, dim: int, dtype: torch.dtype, repeats: int, compile_backend: str) -> dict:
+    """Median fwd+bwd times of DyT and the RMSNorm candidates, and the two ratios."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(tokens, dim, generator=g).to(dtype)
+    dy = torch.randn(tokens, dim, generator=g).to(dtype)
+    layers = {
+        "dyt": DyT(dim, alpha0=0.5),
+        "rms_eager": LlamaRMSNorm(dim, eps=1e-5),
+        "rms_compiled": torch.compile(LlamaRMSNorm(dim, eps=1e-5), backend=compile_backend),
+        "rms_functional": _FunctionalRMSNorm(dim, eps=1e-5),
+    }
+    cases = {name: _fwd_bwd(layer.to(dtype), x0, dy) for name, layer in layers.items()}
+    times = interleaved(cases, repeats, warmup=2)
+    best = min(("rms_compiled", "rms_functional"), key=lambda name: median(times[name]))
+    return {
+        "over_eager": ratio(times, "dyt", "rms_eager"),
+        "over_best": ratio(times, "dyt", best),
+        "best_rmsnorm": best,
+        "median_ms": medians_ms(times),
+    }
+
+
+def measure(quick: bool = False) -> tuple[dict, dict]:
+    """(ratios, details). bf16 is the headline (the paper's setting); fp32 is recorded as well."""
+    tokens, dim, repeats = (256, 512, 3) if quick else (4096, 4096, 7)
+    backend = "aot_eager" if quick else "inductor"
+    results, details = {}, {"tokens": tokens, "dim": dim, "repeats": repeats, "compile_backend": backend}
+    for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_fp32")):
+        r = compare(tokens, dim, dtype, repeats, backend)
+        results[f"dyt_over_rms_eager_fwdbwd{suffix}"] = r["over_eager"]
+        results[f"dyt_over_rms_best_fwdbwd{suffix}"] = r["over_best"]
+        details[f"layers{suffix or '_bf16'}"] = {"best_rmsnorm": r["best_rmsnorm"], "median_ms": r["median_ms"]}
+    if not quick:  # the other end of the paper's token range
+        r = compare(tokens // 2, dim, torch.bfloat16, repeats, backend)
+        results["dyt_over_rms_eager_fwdbwd_2048"] = r["over_eager"]
+        results["dyt_over_rms_best_fwdbwd_2048"] = r["over_best"]
+        details["layers_bf16_2048"] = {"best_rmsnorm": r["best_rmsnorm"], "median_ms": r["median_ms"]}
+    return results, details

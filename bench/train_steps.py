@@ -1,0 +1,101 @@
+"""One training step (forward, loss, backward, gradient clipping, AdamW) of fms-dyt's model against
+transformers' ``LlamaForCausalLM`` with the same config and weights, and DyT against RMSNorm.
+
+Both sides get the same token batch, the same fp32 cross-entropy on their logits, the same
+clipping, and AdamW with the same hyper-parameters: ours from ``fms_dyt.optim.build_optimizer``
+(what the trainer runs), theirs fused, as transformers' Trainer defaults to. Before timing, the
+two networks must give the same loss, so they are the same network. "Compiled" is ours with each
+block compiled, as ``parallel.compile=true`` trains; for transformers, ``torch.compile(model)``;
+their best is the faster of eager and compiled. Models run without FSDP (one process).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from harness import interleaved, median, medians_ms, ratio
+from transformers import LlamaForCausalLM
+
+from fms_dyt.config import load_config, model_args, norm_args
+from fms_dyt.hf import llama_config, to_llama_state_dict
+from fms_dyt.model import Transformer
+from fms_dyt.optim import build_optimizer
+
+
+def _step_fn(model: torch.nn.Module, forward, optimizer, inputs, targets, clip: float):
+    def step():
+        logits = forward(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def _ours(cfg, norm: str, compiled: bool, backend: str, seed_model=None) -> Transformer:
+    cfg = load_config([f"model={cfg.model.name}", f"norm={norm}"])
+    model = Transformer(model_args(cfg), norm_args(cfg))
+    if seed_model is not None:
+        model.load_state_dict(seed_model.state_dict())
+    if compiled:
+        for block in model.layers:  # as fms_dyt.parallel.apply_parallelism does
+            block.compile(backend=backend)
+    return model
+
+
+def measure(quick: bool = False) -> tuple[dict, dict]:
+    model_name, batch, seq, repeats = ("tiny", 2, 64, 3) if quick else ("small", 4, 256, 5)
+    backend = "aot_eager" if quick else "inductor"
+    cfg = load_config([f"model={model_name}", "norm=rmsnorm"])
+    args = model_args(cfg)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=g)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    reference = _ours(cfg, "rmsnorm", False, backend)
+    hf_eager = LlamaForCausalLM(llama_config(args, norm_args(cfg)))
+    hf_eager.load_state_dict(to_llama_state_dict(reference.state_dict()))
+    hf_compiled = copy.deepcopy(hf_eager)
+    models = {
+        "fms_eager": (reference, reference),
+        "fms_compiled": (m := _ours(cfg, "rmsnorm", True, backend, reference), m),
+        "hf_eager": (hf_eager, lambda x: hf_eager(input_ids=x).logits),
+        "hf_compiled": (hf_compiled, (lambda c: lambda x: c(input_ids=x).logits)(torch.compile(hf_compiled, backend=backend))),
+        "dyt_eager": (d := _ours(cfg, "dyt", False, backend), d),
+        "dyt_compiled": (dc := _ours(cfg, "dyt", True, backend, d), dc),
+    }
+    with torch.no_grad():  # the same network, or the comparison means nothing
+        ours_loss = F.cross_entropy(reference(inputs).flatten(0, 1).float(), targets.flatten())
+        hf_loss = F.cross_entropy(hf_eager(input_ids=inputs).logits.flatten(0, 1).float(), targets.flatten())
+    if not torch.allclose(ours_loss, hf_loss, rtol=1e-4):
+        raise AssertionError(f"fms-dyt and transformers disagree on the loss: {ours_loss} vs {hf_loss}")
+
+    cases = {}
+    for name, (module, forward) in models.items():
+        if name.startswith("hf"):
+            optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
+        else:
+            optimizer = build_optimizer(module, cfg.optim)
+        cases[name] = _step_fn(module, forward, optimizer, inputs, targets, cfg.optim.grad_clip)
+    times = interleaved(cases, repeats, warmup=2)
+    hf_best = min(("hf_eager", "hf_compiled"), key=lambda name: median(times[name]))
+    step_tokens = batch * seq
+    results = {
+        "fms_over_hf_step_eager": ratio(times, "fms_eager", "hf_eager"),
+        "fms_over_hf_step_compiled": ratio(times, "fms_compiled", hf_best),
+        "dyt_over_rms_step": ratio(times, "dyt_compiled", "fms_compiled"),
+        "dyt_over_rms_step_eager": ratio(times, "dyt_eager", "fms_eager"),
+    }
+    details = {
+        "model": model_name, "n_params": sum(p.numel() for p in reference.parameters()),
+        "micro_batch": batch, "seq_len": seq, "dtype": "float32", "repeats": repeats, "compile_backend": backend,
+        "hf_best": hf_best, "loss_fms": ours_loss.item(), "loss_hf": hf_loss.item(),
+        "median_ms": medians_ms(times),
+        "tokens_per_s": {name: round(step_tokens / median(t), 1) for name, t in times.items()},
+    }
+    return results, details
