@@ -51,3 +51,19 @@ def test_sigkill_after_step_10_then_same_losses_and_continue_on_one_process(tmp_
     out, _ = torchrun(killed, "train.max_steps=16", nproc=1).communicate(timeout=600)
     assert "resumed from" in out and "step 14" in out, out
     assert sorted(losses(killed)) == list(range(1, 17))
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path):
+    run_dir = tmp_path / "stopped"
+    cmd = [sys.executable, "train.py", *ARGS, "train.max_steps=400", f"run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not (run_dir / "metrics.jsonl").exists() or 3 not in losses(run_dir):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out
+    last = max(losses(run_dir))
+    assert 3 <= last < 400
+    assert (run_dir / "checkpoints" / f"step_{last}" / "meta.json").is_file(), out
