@@ -26,8 +26,8 @@ from fms_dyt.optim import build_optimizer
 DD_BLOCK = 4 * 2**20
 
 
-def _trained_state(model_name: str):
-    cfg = load_config([f"model={model_name}", "norm=dyt"])
+def _trained_state(overrides: list[str]):
+    cfg = load_config([*overrides, "norm=dyt"])
     model = Transformer(model_args(cfg), norm_args(cfg))
     optimizer = build_optimizer(model, cfg.optim)
     tokens = torch.randint(0, model.args.vocab_size, (2, 33))
@@ -42,7 +42,7 @@ def _dir_bytes(path: Path) -> int:
 
 def measure(workdir: Path, quick: bool = False) -> tuple[dict, dict]:
     repeats = 3 if quick else 5
-    model, optimizer = _trained_state("tiny" if quick else "small")
+    model, optimizer = _trained_state(["model=tiny"] if quick else ["model=small"])
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     workdir.mkdir(parents=True, exist_ok=True)

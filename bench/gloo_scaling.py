@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None
     torch.set_num_threads(max(1, spec["cores"] // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = load_config([f"model={spec['model']}", "norm=dyt", "parallel.param_dtype=float32"])
+        cfg = load_config([*spec["model"], "norm=dyt", "parallel.param_dtype=float32"])
         with torch.device("meta"):
             model = Transformer(model_args(cfg), norm_args(cfg))
         mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
@@ -77,7 +77,8 @@ def step_times(world: int, spec: dict) -> list[float]:
 
 
 def measure(quick: bool = False) -> tuple[dict, dict]:
-    spec = {"model": "tiny" if quick else "small", "global_batch": 4, "seq_len": 64 if quick else 256,
+    model = ["model=tiny", "model.n_layers=2", "model.vocab_size=512"] if quick else ["model=small"]
+    spec = {"model": model, "global_batch": 4, "seq_len": 32 if quick else 256,
             "warmup": 1 if quick else 2, "steps": 3 if quick else 5, "cores": os.cpu_count() or 1}
     tokens = spec["global_batch"] * spec["seq_len"]
     rates = {}

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def measure(quick: bool = False) -> tuple[dict, dict]:
-    steps, interval = (6, 2) if quick else (42, 6)
+    steps, interval = (4, 2) if quick else (42, 6)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "quickstart"
         cmd = [sys.executable, "train.py", "experiment=quickstart", f"train.max_steps={steps}",
