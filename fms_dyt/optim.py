@@ -13,7 +13,9 @@ import torch
 def build_optimizer(model: torch.nn.Module, cfg_optim) -> torch.optim.Optimizer:
     # Every parameter decays, α and the embedding scalar included, as in the reference recipe.
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.device.type == "cuda" for p in params)
+    # Fused AdamW (one kernel for all parameters) runs on CUDA and CPU; on CPU it is ~4x faster
+    # than foreach (bench/run.py).
+    fused = all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(
         params, lr=cfg_optim.lr, betas=tuple(cfg_optim.betas), eps=cfg_optim.eps,
         weight_decay=cfg_optim.weight_decay, fused=fused or None, foreach=None if fused else True,
