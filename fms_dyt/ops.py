@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 # ---- PyTorch formulation (GPUs, fallback) -----------------------------------------------------
 
@@ -124,18 +125,26 @@ static inline float tanh_fwd(float z) {
     return t > 1.0f ? 1.0f : (t < -1.0f ? -1.0f : t);
 }
 
-/* Backward: tanh(z) and 1 - tanh(z)^2, both to a few ulp (also where tanh saturates, which
-   1 - t*t cannot give), from e = exp(-2|z|) = 2^k p(r). */
-static inline void tanh_grad(float z, float* t_out, float* d_out) {
-    float a = fabsf(z);
-    float y = -2.0f * (a < 40.0f ? a : 40.0f);
-    float k = (y * 1.44269504f + 12582912.0f) - 12582912.0f; /* nearest integer */
-    float r = (y - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+/* exp(y) for y <= 0 (softmax arguments, -2|z| for tanh) to ~2 ulp: 2^k p(r), Cody-Waite reduction;
+   0 below fp32's normal range, NaN stays NaN. */
+static inline float exp_nonpos(float y) {
+    float c = y > -87.0f ? y : -87.0f;
+    float k = (c * 1.44269504f + 12582912.0f) - 12582912.0f; /* nearest integer */
+    float r = (c - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666667e-01f + r * (4.16666667e-02f
               + r * (8.33333333e-03f + r * (1.38888889e-03f + r * 1.98412698e-04f))))));
     int32_t ki = (int32_t)k;
     uint32_t bits = (uint32_t)(ki + 127) << 23; float scale; memcpy(&scale, &bits, 4);
-    float e = p * scale;
+    float e = y > -87.0f ? p * scale : 0.0f;
+    return y != y ? y : e;
+}
+static inline double exp_f64(double y) { return exp(y); }
+
+/* Backward: tanh(z) and 1 - tanh(z)^2, both to a few ulp (also where tanh saturates, which
+   1 - t*t cannot give), from e = exp(-2|z|). */
+static inline void tanh_grad(float z, float* t_out, float* d_out) {
+    float a = fabsf(z);
+    float e = exp_nonpos(-2.0f * (a < 40.0f ? a : 40.0f));
     float inv = 1.0f / (1.0f + e);
     float s = a * a; /* small |z|: the odd Taylor series, since 1 - e cancels */
     float small = a + a * s * (-3.33333333e-01f + s * (1.33333333e-01f + s * (-5.39682540e-02f
@@ -206,9 +215,48 @@ int dyt_backward_##NAME(const T* x, const T* dy, T* dx, int64_t rows, int64_t co
     return failed;                                                                              \
 }
 
+/* Cross-entropy over rows of `cols` logits. Forward: lse[r] = logsumexp(x[r]) and
+   loss[r] = lse[r] - x[r][t[r]] (0 where t[r] == ignore); backward: one pass writing
+   dx[r] = scale * (softmax(x[r]) - onehot(t[r])). Sums run in F within blocks, in double across. */
+#define CE_KERNELS(NAME, T, F, LOAD, STORE, EXP, LOG)                                          \
+void ce_forward_##NAME(const T* x, const int64_t* t, F* lse, F* loss, int64_t rows, int64_t cols, \
+                       int64_t ignore, int nthreads) {                                          \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
+    for (int64_t r = 0; r < rows; ++r) {                                                        \
+        const T* xr = x + r * cols;                                                             \
+        F m = -INFINITY;                                                                        \
+        _Pragma("omp simd reduction(max:m)")                                                    \
+        for (int64_t c = 0; c < cols; ++c) { F v = LOAD(xr[c]); m = v > m ? v : m; }           \
+        double total = 0.0;                                                                     \
+        for (int64_t c0 = 0; c0 < cols; c0 += 1024) {                                           \
+            int64_t c1 = c0 + 1024 < cols ? c0 + 1024 : cols;                                   \
+            F part = 0;                                                                         \
+            _Pragma("omp simd reduction(+:part)")                                               \
+            for (int64_t c = c0; c < c1; ++c) part += EXP(LOAD(xr[c]) - m);                     \
+            total += part;                                                                      \
+        }                                                                                       \
+        F l = m + (F)LOG(total);                                                                \
+        lse[r] = l;                                                                             \
+        loss[r] = t[r] == ignore ? 0 : l - LOAD(xr[t[r]]);                                      \
+    }                                                                                           \
+}                                                                                               \
+void ce_backward_##NAME(const T* x, const int64_t* t, const F* lse, T* dx, int64_t rows,         \
+                        int64_t cols, int64_t ignore, F scale, int nthreads) {                  \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
+    for (int64_t r = 0; r < rows; ++r) {                                                        \
+        const T* xr = x + r * cols; T* dr = dx + r * cols;                                      \
+        F l = lse[r], s = t[r] == ignore ? 0 : scale;                                           \
+        for (int64_t c = 0; c < cols; ++c) dr[c] = STORE(s * EXP(LOAD(xr[c]) - l));            \
+        if (t[r] != ignore) dr[t[r]] = STORE(s * (EXP(LOAD(xr[t[r]]) - l) - 1));                \
+    }                                                                                           \
+}
+
 DYT_KERNELS(f32, float, float, f32_load, f32_store, tanh_fwd, tanh_grad)
 DYT_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store, tanh_fwd, tanh_grad)
 DYT_KERNELS(f64, double, double, f64_load, f64_store, tanh, tanh_grad_f64)
+CE_KERNELS(f32, float, float, f32_load, f32_store, exp_nonpos, log)
+CE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store, exp_nonpos, log)
+CE_KERNELS(f64, double, double, f64_load, f64_store, exp_f64, log)
 """
 
 _KERNEL_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
@@ -264,6 +312,8 @@ def _build_kernel() -> Optional[ctypes.CDLL]:
         getattr(lib, f"dyt_forward_{name}").argtypes = [p, p, i64, i64, real, p, p, i32]
         getattr(lib, f"dyt_backward_{name}").argtypes = [p, p, p, i64, i64, real, p, i32, p, i32]
         getattr(lib, f"dyt_backward_{name}").restype = i32
+        getattr(lib, f"ce_forward_{name}").argtypes = [p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"ce_backward_{name}").argtypes = [p, p, p, p, i64, i64, i64, real, i32]
     return lib
 
 
@@ -373,3 +423,60 @@ def dyt(
         return torch.ops.fms_dyt.dyt(x, alpha, weight, bias)  # opaque to dynamo: no graph break
     # Eager: the autograd function directly (the custom op's dispatch costs ~0.2 ms a call).
     return _DyTFunction.apply(x, alpha, weight, bias, on_cpu)
+
+
+# ---- cross-entropy ----------------------------------------------------------------------------
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy by the CPU kernel: keeps the logits (the caller holds them anyway) and one
+    fp32 log-sum-exp per row, instead of a [rows, vocab] fp32 log-softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index: int):
+        lib, name = cpu_kernel(), _KERNEL_DTYPES[logits.dtype]
+        logits, targets = logits.contiguous(), targets.contiguous()
+        rows, cols = logits.shape
+        ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse, loss_rows = torch.empty(rows, dtype=ct), torch.empty(rows, dtype=ct)
+        getattr(lib, f"ce_forward_{name}")(
+            logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), loss_rows.data_ptr(), rows, cols,
+            ignore_index, torch.get_num_threads(),
+        )
+        valid = int((targets != ignore_index).sum())
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.valid, ctx.ignore_index = valid, ignore_index
+        return (loss_rows.sum(dtype=torch.float64) / valid).to(ct)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        rows, cols = logits.shape
+        getattr(cpu_kernel(), f"ce_backward_{_KERNEL_DTYPES[logits.dtype]}")(
+            logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), grad.data_ptr(), rows, cols,
+            ctx.ignore_index, float(grad_loss) / ctx.valid, torch.get_num_threads(),
+        )
+        return grad, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` [rows, vocab] against ``targets`` [rows], computed in fp32
+    (fp64 stays fp64) whatever the logits' dtype: ``F.cross_entropy(logits.float(), targets)``.
+
+    On CPU a one-pass kernel (forward: log-sum-exp per row; backward: softmax minus one-hot)
+    replaces PyTorch's log-softmax + NLL, which write and keep a [rows, vocab] fp32 tensor.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy wants logits [rows, vocab] and targets [rows]; got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    use_kernel = (
+        logits.device.type == "cpu" and logits.dtype in _KERNEL_DTYPES and targets.dtype == torch.int64
+        and logits.numel() > 0 and not torch.compiler.is_compiling() and cpu_kernel() is not None
+    )
+    if not use_kernel:
+        return F.cross_entropy(logits.to(_compute_dtype(logits)), targets, ignore_index=ignore_index)
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= logits.shape[1]))
+    if bad.any():
+        raise IndexError(f"cross_entropy: target {int(targets[bad][0])} is outside the vocabulary [0, {logits.shape[1]})")
+    return _CrossEntropyFunction.apply(logits, targets, ignore_index)

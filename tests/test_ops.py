@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fms_dyt import ops
 from fms_dyt.ops import _DyTFunction, dyt, dyt_reference
@@ -240,3 +241,53 @@ def test_fsdp2_bf16_mixed_precision_two_ranks(tmp_path):
         g = got["grads"][name]
         assert g.dtype == torch.float32
         assert _rel_err(g, p.grad.double()) < 1e-5, name
+
+
+# ---- cross-entropy ----------------------------------------------------------------------------
+
+from fms_dyt.ops import cross_entropy  # noqa: E402
+
+
+def _ce_inputs(dtype, rows=300, vocab=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[::7] = -100  # ignored rows, as Hugging Face pads
+    return logits, targets
+
+
+@needs_cc
+def test_cross_entropy_gradcheck_fp64():
+    logits, targets = _ce_inputs(torch.float64, rows=6, vocab=9)
+    assert torch.autograd.gradcheck(lambda x: cross_entropy(x, targets), (logits.requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_cross_entropy_matches_torch(dtype, tol):
+    logits, targets = _ce_inputs(dtype)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, targets)
+    loss.backward()
+    x_ref = logits.double().requires_grad_()
+    ref = F.cross_entropy(x_ref, targets)
+    ref.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-6
+    assert _rel_err(x.grad, x_ref.grad) < tol
+    assert not x.grad[::7].any()  # ignored rows get no gradient
+
+
+def test_cross_entropy_kernel_and_fallback_agree(monkeypatch):
+    logits, targets = _ce_inputs(torch.float32, rows=40, vocab=50)
+    kernel_loss = cross_entropy(logits, targets)
+    monkeypatch.setattr(ops, "_kernel_state", {"lib": None})
+    assert torch.allclose(cross_entropy(logits, targets), kernel_loss, rtol=1e-6)
+
+
+def test_cross_entropy_rejects_bad_targets_and_shapes():
+    logits, targets = _ce_inputs(torch.float32, rows=4, vocab=5)
+    targets[1] = 5
+    with pytest.raises(IndexError, match="target 5 is outside the vocabulary"):
+        cross_entropy(logits, targets)
+    with pytest.raises(ValueError, match="logits \\[rows, vocab\\]"):
+        cross_entropy(logits.reshape(2, 2, 5), targets)
