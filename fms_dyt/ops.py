@@ -155,6 +155,12 @@ static inline void tanh_grad(float z, float* t_out, float* d_out) {
     *t_out = z != z ? z : t;
     *d_out = z != z ? z : d;
 }
+/* bf16 backward: the forward's tanh and 1 - t*t, as autograd differentiates tanh. Where tanh
+   saturates this is less accurate than tanh_grad, but far below bf16's resolution of dx and
+   far better than the plain formula in bf16 (which rounds t to 8 bits first); ~1.5x cheaper. */
+static inline void tanh_grad_bf16(float z, float* t_out, float* d_out) {
+    float t = tanh_fwd(z); *t_out = t; *d_out = 1.0f - t * t;
+}
 static inline void tanh_grad_f64(double z, double* t_out, double* d_out) {
     double t = tanh(z); *t_out = t; *d_out = 1.0 - t * t;
 }
@@ -252,7 +258,7 @@ void ce_backward_##NAME(const T* x, const int64_t* t, const F* lse, T* dx, int64
 }
 
 DYT_KERNELS(f32, float, float, f32_load, f32_store, tanh_fwd, tanh_grad)
-DYT_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store, tanh_fwd, tanh_grad)
+DYT_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store, tanh_fwd, tanh_grad_bf16)
 DYT_KERNELS(f64, double, double, f64_load, f64_store, tanh, tanh_grad_f64)
 CE_KERNELS(f32, float, float, f32_load, f32_store, exp_nonpos, log)
 CE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store, exp_nonpos, log)
