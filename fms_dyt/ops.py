@@ -102,10 +102,10 @@ _C_SOURCE = r"""
 static inline float bf16_load(uint16_t h) {
     uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
 }
-static inline uint16_t bf16_store(float f) { /* round to nearest even; NaN stays NaN */
+static inline uint16_t bf16_store(float f) { /* round to nearest even; NaN -> 0x7FC0, as torch */
     uint32_t u; memcpy(&u, &f, 4);
     uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(f != f ? ((u >> 16) | 0x40u) : r);
+    return (uint16_t)(f != f ? 0x7FC0u : r);
 }
 static inline float f32_load(float v) { return v; }
 static inline float f32_store(float v) { return v; }
@@ -115,14 +115,17 @@ static inline double f64_store(double v) { return v; }
 /* Forward tanh: x P(x^2) / Q(x^2), a relative-error fit on [0, 9] (tanh rounds to 1 beyond);
    within 6 ulp of tanh in fp32 arithmetic, ~4x cheaper than a libm-grade tanh. */
 static inline float tanh_fwd(float z) {
-    float c = z < -9.0f ? -9.0f : (z > 9.0f ? 9.0f : z); /* NaN passes through */
-    float s = c * c;
+    float a = fabsf(z);
+    a = a < 9.0f ? a : 9.0f;
+    float s = a * a;
     float p = (((1.335458755e-08f * s + 2.060904046e-05f) * s + 3.495586291e-03f) * s
                + 1.338102435e-01f) * s + 9.999999795e-01f;
     float q = (((7.776530999e-07f * s + 3.285631290e-04f) * s + 2.587697601e-02f) * s
                + 4.671433994e-01f) * s + 1.0f;
-    float t = c * p / q;
-    return t > 1.0f ? 1.0f : (t < -1.0f ? -1.0f : t);
+    float t = a * p / q;
+    t = t < 1.0f ? t : 1.0f; /* the fit may pass 1 by an ulp near 9 */
+    t = copysignf(t, z);
+    return z != z ? z : t;
 }
 
 /* exp(y) for y <= 0 (softmax arguments, -2|z| for tanh) to ~2 ulp: 2^k p(r), Cody-Waite reduction;
