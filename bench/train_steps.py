@@ -21,13 +21,24 @@ from transformers import LlamaForCausalLM
 from fms_dyt.config import load_config, model_args, norm_args
 from fms_dyt.hf import llama_config, to_llama_state_dict
 from fms_dyt.model import Transformer
+from fms_dyt.ops import cross_entropy
 from fms_dyt.optim import build_optimizer
 
 
-def _step_fn(model: torch.nn.Module, forward, optimizer, inputs, targets, clip: float):
+def hf_loss(logits, targets):
+    """Mean cross-entropy on fp32 logits, as transformers' ForCausalLMLoss computes it."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def fms_loss(logits, targets):
+    """The loss fms_dyt.trainer computes (keep in step with trainer.py): the same mean cross-entropy
+    in fp32, by fms_dyt.ops.cross_entropy."""
+    return cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _step_fn(model: torch.nn.Module, forward, loss_fn, optimizer, inputs, targets, clip: float):
     def step():
-        logits = forward(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = loss_fn(forward(inputs), targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
@@ -47,10 +58,24 @@ def _ours(overrides: list[str], norm: str, compiled: bool, backend: str, seed_mo
     return model
 
 
+def _loss_times(rows: int, vocab: int, repeats: int) -> dict[str, list[float]]:
+    """fms_dyt.ops.cross_entropy against F.cross_entropy, forward + backward on the step's logits."""
+    g = torch.Generator().manual_seed(1)
+    logits, targets = torch.randn(rows, vocab, generator=g), torch.randint(0, vocab, (rows,), generator=g)
+
+    def run(fn):
+        def case():
+            x = logits.detach().requires_grad_(True)
+            fn(x, targets).backward()
+        return case
+    return interleaved({"fused": run(cross_entropy), "torch": run(lambda x, t: F.cross_entropy(x.float(), t))},
+                       repeats, warmup=2)
+
+
 def measure(quick: bool = False) -> tuple[dict, dict]:
     # quick: a 2-layer tiny model with a small vocabulary, compiled by dynamo alone (no codegen).
     overrides = ["model=tiny", "model.n_layers=2", "model.vocab_size=512"] if quick else ["model=small"]
-    batch, seq, repeats = (2, 32, 3) if quick else (4, 256, 5)
+    batch, seq, repeats = (2, 32, 3) if quick else (4, 256, 7)
     backend = "eager" if quick else "inductor"
     cfg = load_config([*overrides, "norm=rmsnorm"])
     args = model_args(cfg)
@@ -71,10 +96,10 @@ def measure(quick: bool = False) -> tuple[dict, dict]:
         "dyt_compiled": (dc := _ours(overrides, "dyt", True, backend, d), dc),
     }
     with torch.no_grad():  # the same network, or the comparison means nothing
-        ours_loss = F.cross_entropy(reference(inputs).flatten(0, 1).float(), targets.flatten())
-        hf_loss = F.cross_entropy(hf_eager(input_ids=inputs).logits.flatten(0, 1).float(), targets.flatten())
-    if not torch.allclose(ours_loss, hf_loss, rtol=1e-4):
-        raise AssertionError(f"fms-dyt and transformers disagree on the loss: {ours_loss} vs {hf_loss}")
+        loss_fms = fms_loss(reference(inputs), targets)
+        loss_hf = hf_loss(hf_eager(input_ids=inputs).logits, targets)
+    if not torch.allclose(loss_fms, loss_hf, rtol=1e-4):
+        raise AssertionError(f"fms-dyt and transformers disagree on the loss: {loss_fms} vs {loss_hf}")
 
     cases = {}
     for name, (module, forward) in models.items():
@@ -83,21 +108,25 @@ def measure(quick: bool = False) -> tuple[dict, dict]:
                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
         else:
             optimizer = build_optimizer(module, cfg.optim)
-        cases[name] = _step_fn(module, forward, optimizer, inputs, targets, cfg.optim.grad_clip)
+        loss_fn = hf_loss if name.startswith("hf") else fms_loss
+        cases[name] = _step_fn(module, forward, loss_fn, optimizer, inputs, targets, cfg.optim.grad_clip)
     times = interleaved(cases, repeats, warmup=2)
+    ce = _loss_times(batch * seq, args.vocab_size, repeats)
     hf_best = min(("hf_eager", "hf_compiled"), key=lambda name: median(times[name]))
     step_tokens = batch * seq
     results = {
         "fms_over_hf_step_eager": ratio(times, "fms_eager", "hf_eager"),
         "fms_over_hf_step_compiled": ratio(times, "fms_compiled", hf_best),
-        "dyt_over_rms_step": ratio(times, "dyt_compiled", "fms_compiled"),
-        "dyt_over_rms_step_eager": ratio(times, "dyt_eager", "fms_eager"),
+        # The trainer's default (parallel.compile=false); compiled blocks recorded too.
+        "dyt_over_rms_step": ratio(times, "dyt_eager", "fms_eager"),
+        "dyt_over_rms_step_compiled": ratio(times, "dyt_compiled", "fms_compiled"),
+        "ce_fused_over_torch_fwdbwd": ratio(ce, "fused", "torch"),
     }
     details = {
         "model": " ".join(overrides), "n_params": sum(p.numel() for p in reference.parameters()),
         "micro_batch": batch, "seq_len": seq, "dtype": "float32", "repeats": repeats, "compile_backend": backend,
-        "hf_best": hf_best, "loss_fms": ours_loss.item(), "loss_hf": hf_loss.item(),
-        "median_ms": medians_ms(times),
+        "hf_best": hf_best, "loss_fms": loss_fms.item(), "loss_hf": loss_hf.item(),
+        "median_ms": {**medians_ms(times), **{f"cross_entropy_{k}": v for k, v in medians_ms(ce).items()}},
         "tokens_per_s": {name: round(step_tokens / median(t), 1) for name, t in times.items()},
     }
     return results, details

@@ -26,13 +26,13 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fms_dyt.config import ConfigError, load_config, model_args, norm_args
 from fms_dyt.metrics import PEAK_FLOPS, flops_per_token
 from fms_dyt.model import ModelArgs, Transformer, count_parameters
+from fms_dyt.ops import cross_entropy
 
 GIB = 2**30
 
@@ -84,7 +84,7 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     and its log-sum-exp (fp32, one per head), and SwiGLU's four [ffn_dim] tensors. A
     checkpointed block keeps its input only and is recomputed during backward. Around the blocks:
     the embedding output (kept for the embedding scalar's gradient), the final norm, its output,
-    the logits and the fp32 log-softmax of the loss.
+    the logits and one fp32 log-sum-exp per token (``fms_dyt.ops.cross_entropy``, the trainer's loss).
     """
     p, d, f, L = compute_bytes, args.dim, args.ffn_dim, args.n_layers
     kv_width = args.kv_heads * args.head_dim
@@ -98,37 +98,42 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     if p != 4:
         saved += (L - n_ckpt) * 4 * seq_len * args.head_dim * p
     embedding_kept = p * d if norm_kind == "dyt" else 0
-    head = embedding_kept + norm + p * d + p * args.vocab_size + 4 * args.vocab_size
+    head = embedding_kept + norm + p * d + p * args.vocab_size + 4
     saved += head * tokens
-    # Transients on top: the loss gradient (two fp32 [vocab] tensors at log-softmax's backward),
-    # or a block's backward (two [ffn_dim] gradients alive at SwiGLU's backward), plus the
-    # recomputed block when activations are checkpointed.
-    loss_grad = 8 * args.vocab_size
+    # Transients on top: the logits' gradient, or a block's backward (two [ffn_dim] gradients
+    # alive at SwiGLU's backward), plus the recomputed block when activations are checkpointed.
+    loss_grad = p * args.vocab_size
     block_backward = 2 * p * f + (full_block - block_input if n_ckpt else 0)
     transient = max(loss_grad, block_backward) * tokens
     return {"saved": saved, "peak": saved + transient, "per_block": full_block * tokens}
 
 
 class _LiveTensorBytes(TorchDispatchMode):
-    """Bytes held by tensors created under this mode, by storage, and their peak.
+    """Bytes held by tensors created under this mode, by storage, after every operation.
 
-    Parameter gradients are moved out of the count when autograd accumulates them, so the peak is
-    that of activations and backward temporaries alone.
+    Parameter gradients are not activations: when autograd accumulates one, its bytes are taken
+    out of every point of the timeline since the operation that created it, so the peak is that
+    of activations and backward temporaries alone.
     """
 
     def __init__(self, existing: list[torch.Tensor]):
         super().__init__()
         self.existing = {t.untyped_storage().data_ptr() for t in existing}
-        self.live: dict[int, int] = {}
-        self.grads: dict[int, int] = {}
-        self.total = self.grad_total = self.peak = 0
+        self.live: dict[int, tuple[int, int]] = {}  # storage -> (bytes, timeline index at creation)
+        self.grads: set[int] = set()
+        self.timeline: list[int] = []
+        self.total = 0  # activation bytes alive now
 
-    def activations(self) -> int:
-        return self.total - self.grad_total
+    @property
+    def peak(self) -> int:
+        return max(self.timeline, default=0)
 
     def _free(self, key: int) -> None:
-        self.total -= self.live.pop(key)
-        self.grad_total -= self.grads.pop(key, 0)
+        nbytes, _ = self.live.pop(key)
+        if key in self.grads:
+            self.grads.discard(key)
+        else:
+            self.total -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -138,17 +143,20 @@ class _LiveTensorBytes(TorchDispatchMode):
                 key = storage.data_ptr()
                 if key in self.existing or key in self.live or storage.nbytes() == 0:
                     continue
-                self.live[key] = storage.nbytes()
+                self.live[key] = (storage.nbytes(), len(self.timeline))
                 self.total += storage.nbytes()
                 weakref.finalize(storage, self._free, key)
-        self.peak = max(self.peak, self.activations())
+        self.timeline.append(self.total)
         return out
 
     def grad_accumulated(self, param: torch.Tensor) -> None:
         key = param.grad.untyped_storage().data_ptr()
         if key in self.live and key not in self.grads:
-            self.grads[key] = self.live[key]
-            self.grad_total += self.live[key]
+            nbytes, created = self.live[key]
+            self.grads.add(key)
+            self.total -= nbytes
+            for i in range(created, len(self.timeline)):
+                self.timeline[i] -= nbytes
 
 
 def measure_activation_bytes(args: ModelArgs, norm, micro_batch: int, seq_len: int,
@@ -163,6 +171,7 @@ def measure_activation_bytes(args: ModelArgs, norm, micro_batch: int, seq_len: i
 
     torch.manual_seed(0)
     model = Transformer(args, norm).to(dtype)
+    model.init_buffers()  # RoPE tables stay fp32, as FSDP2's mixed precision leaves buffers
     for block, recompute in zip(model.layers, checkpointed):
         if recompute:
             checkpoint_activations(block)
@@ -173,8 +182,8 @@ def measure_activation_bytes(args: ModelArgs, norm, micro_batch: int, seq_len: i
         p.register_post_accumulate_grad_hook(counter.grad_accumulated)
     with counter:
         logits = model(inputs)  # kept, as the trainer keeps it, until backward is done
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        saved = counter.activations()
+        loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
+        saved = counter.total
         loss.backward()
     return {"saved": saved, "peak": counter.peak}
 

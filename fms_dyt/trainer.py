@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, validate
 from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
+from fms_dyt.ops import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import apply_parallelism, build_mesh, init_distributed, materialize
 
@@ -141,7 +141,7 @@ def train(cfg, data=None) -> int:
             inputs, targets = inputs.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
             model.set_requires_gradient_sync(micro == accum - 1)
             logits = model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / accum
+            loss = cross_entropy(logits.flatten(0, 1), targets.flatten()) / accum
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -1,4 +1,4 @@
-"""The fused DyT op: exact against the plain formula, in every dtype mix FSDP2 produces."""
+"""The fused DyT op and cross-entropy: exact against the plain formulas, in every dtype mix FSDP2 produces."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fms_dyt import ops
 from fms_dyt.ops import _DyTFunction, dyt, dyt_reference
+
 
 def pytorch_formulation(x, alpha, weight, bias=None):
     """What GPUs (and CPUs without a compiler) run."""

@@ -163,7 +163,7 @@ def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
 def test_non_finite_loss_skips_updates_then_aborts(tmp_path, monkeypatch):
     import fms_dyt.trainer as trainer
 
-    monkeypatch.setattr(trainer.F, "cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
+    monkeypatch.setattr(trainer, "cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
     cfg = load_config(BASE + ["train.max_steps=10", "train.max_bad_steps=3", f"run_dir={tmp_path}"])
     os.environ.update(MASTER_PORT=str(_free_port()))
     with pytest.raises(NonFiniteError, match="3 steps in a row"):
