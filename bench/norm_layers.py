@@ -4,6 +4,8 @@ Our default DyT layer (``fms_dyt.norms.DyT``, the fused op) against (1) transfor
 ``LlamaRMSNorm`` run eagerly, as the paper compared, and (2) the fastest RMSNorm this machine
 offers: ``LlamaRMSNorm`` under ``torch.compile`` or ``torch.nn.functional.rms_norm``. Every
 candidate gets the same input and the same output gradient; parameter gradients are computed too.
+The other ways of computing DyT are timed alongside (recorded, not ratios): the plain formula
+eager and compiled, and the PyTorch formulation of ``fms_dyt.ops`` (GPUs' path) eager and compiled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,22 @@ from harness import interleaved, median, medians_ms, ratio
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from fms_dyt.norms import DyT
+from fms_dyt.ops import _DyTFunction, dyt_reference
+
+
+class _DyTVariant(DyT):
+    """DyT's parameters with another implementation of the same formula."""
+
+    def __init__(self, dim: int, fn):
+        super().__init__(dim, alpha0=0.5)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x, self.alpha, self.weight, self.bias)
+
+
+def _pytorch_formulation(x, alpha, weight, bias):
+    return _DyTFunction.apply(x, alpha, weight, bias, False)
 
 
 class _FunctionalRMSNorm(torch.nn.Module):
@@ -43,6 +61,10 @@ def compare(tokens: int, dim: int, dtype: torch.dtype, repeats: int, compile_bac
         "rms_eager": LlamaRMSNorm(dim, eps=1e-5),
         "rms_compiled": torch.compile(LlamaRMSNorm(dim, eps=1e-5), backend=compile_backend),
         "rms_functional": _FunctionalRMSNorm(dim, eps=1e-5),
+        "dyt_plain_eager": _DyTVariant(dim, dyt_reference),
+        "dyt_plain_compiled": torch.compile(_DyTVariant(dim, dyt_reference), backend=compile_backend),
+        "dyt_pytorch_eager": _DyTVariant(dim, _pytorch_formulation),
+        "dyt_pytorch_compiled": torch.compile(_DyTVariant(dim, _pytorch_formulation), backend=compile_backend),
     }
     cases = {name: _fwd_bwd(layer.to(dtype), x0, dy) for name, layer in layers.items()}
     times = interleaved(cases, repeats, warmup=2)

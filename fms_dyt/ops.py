@@ -1,4 +1,5 @@
-"""Fused DyT: y = weight · tanh(α·x) (+ bias) over the last dimension, in one pass each way.
+"""Fused DyT: y = weight · tanh(α·x) (+ bias) over the last dimension, in one pass each way;
+and the trainer's cross-entropy, in one pass each way.
 
 Autograd on the plain formula runs one kernel per operation, keeps the intermediates alive and
 reduces dα, dweight and dbias in separate passes. Here the forward reads x once and writes y; the
@@ -9,14 +10,15 @@ Two implementations of the same numerics (fp32 arithmetic for bf16/fp32 inputs, 
 the input dtype at the end; fp64 stays fp64):
 
 * CPU: a small C kernel (below), compiled once per machine with the system C compiler into
-  ``~/.cache/fms_dyt`` and exposed as the custom op ``torch.ops.fms_dyt.dyt``, so it runs unchanged
-  inside ``torch.compile``d blocks. Without a compiler (or with ``FMS_DYT_CPU_KERNEL=0``) the op
-  falls back to the PyTorch formulation.
+  ``~/.cache/fms_dyt``. Eagerly an autograd function calls it; inside ``torch.compile``d blocks
+  it is the custom op ``torch.ops.fms_dyt.dyt``, which dynamo keeps as one node (no graph
+  break). Without a compiler (or with ``FMS_DYT_CPU_KERNEL=0``) the PyTorch formulation runs.
 * Elsewhere (GPUs): the same autograd function running plain PyTorch ops, which
   ``torch.compile`` fuses into one kernel forward and one backward; eager it still saves only x.
 
 Under FSDP mixed precision x is bf16 while α and weight may be bf16 or fp32: the output takes x's
 dtype, each gradient its parameter's dtype, and reductions accumulate in fp32 (fp64 across blocks).
+docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -299,14 +301,14 @@ def _build_kernel() -> Optional[ctypes.CDLL]:
     if cc is None:
         warnings.warn("fms_dyt: no C compiler found; DyT on CPU uses the slower PyTorch formulation")
         return None
-    key = hashlib.sha256("\0".join([_C_SOURCE, cc, *_CFLAGS, _machine_key()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([_C_SOURCE, cc, *_CFLAGS, "-lm", _machine_key()]).encode()).hexdigest()[:16]
     lib_path = _cache_dir() / f"dyt_cpu_{key}.so"
     if not lib_path.exists():
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
             src, out = Path(tmp) / "dyt_cpu.c", Path(tmp) / "dyt_cpu.so"
             src.write_text(_C_SOURCE)
-            proc = subprocess.run([cc, *_CFLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_CFLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
                 warnings.warn(
                     f"fms_dyt: compiling the DyT CPU kernel with {cc} failed; using the slower PyTorch "
