@@ -105,7 +105,7 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     loss_grad = p * args.vocab_size
     block_backward = 2 * p * f + (full_block - block_input if n_ckpt else 0)
     transient = max(loss_grad, block_backward) * tokens
-    return {"saved": saved, "peak": saved + transient, "per_block": full_block * tokens}
+    return {"saved": saved, "peak": saved + transient}
 
 
 class _LiveTensorBytes(TorchDispatchMode):
