@@ -53,6 +53,16 @@ def test_cli_json_keeps_the_foundation_keys():
     assert p["layout"]["gpu"] == "a100" and p["gpu_memory_gib"] == 80.0
 
 
+def test_cli_measure_compares_plan_and_cpu_memory():
+    out = subprocess.run(
+        [sys.executable, "-m", "fms_dyt.plan", "model=tiny", "train.seq_len=64", "train.micro_batch_size=2",
+         "parallel.param_dtype=float32", "--nodes", "1", "--gpus-per-node", "1", "--measure", "--json"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    m = json.loads(out.stdout)["activations_measured_cpu"]
+    assert m["plan_bytes"] == pytest.approx(m["measured_bytes"], rel=0.2)
+
+
 def test_cli_rejects_a_cluster_that_does_not_divide_the_batch():
     out = subprocess.run(
         [sys.executable, "-m", "fms_dyt.plan", "experiment=llama7b_dyt", "--nodes", "3"],
