@@ -7,6 +7,10 @@ clipping, and AdamW with the same hyper-parameters: ours from ``fms_dyt.optim.bu
 two networks must give the same loss, so they are the same network. "Compiled" is ours with each
 block compiled, as ``parallel.compile=true`` trains; for transformers, ``torch.compile(model)``;
 their best is the faster of eager and compiled. Models run without FSDP (one process).
+
+``shared_kernels_over_hf_step_compiled`` is the time our compiled step spends in the kernels both
+sides call on the same shapes (matrix multiplies and the attention kernel; profiled) over
+transformers' best step: no step that does the same multiplies and attention can go below it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from harness import interleaved, median, medians_ms, ratio
 from transformers import LlamaForCausalLM
 
@@ -58,6 +63,22 @@ def _ours(overrides: list[str], norm: str, compiled: bool, backend: str, seed_mo
     return model
 
 
+# The kernels both sides call for the same work: matrix multiplies and the attention kernel.
+SHARED_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _shared_kernel_seconds(step, repeats: int) -> list[float]:
+    """Seconds a step spends inside SHARED_KERNELS (their own time, from the profiler), per repeat."""
+    seconds = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        seconds.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in SHARED_KERNELS) / 1e6)
+    return seconds
+
+
 def _loss_times(rows: int, vocab: int, repeats: int) -> dict[str, list[float]]:
     """fms_dyt.ops.cross_entropy against F.cross_entropy, forward + backward on the step's logits."""
     g = torch.Generator().manual_seed(1)
@@ -75,7 +96,7 @@ def _loss_times(rows: int, vocab: int, repeats: int) -> dict[str, list[float]]:
 def measure(quick: bool = False) -> tuple[dict, dict]:
     # quick: a 2-layer tiny model with a small vocabulary, compiled by dynamo alone (no codegen).
     overrides = ["model=tiny", "model.n_layers=2", "model.vocab_size=512"] if quick else ["model=small"]
-    batch, seq, repeats = (2, 32, 3) if quick else (4, 256, 7)
+    batch, seq, repeats = (2, 32, 3) if quick else (4, 256, 9)
     backend = "eager" if quick else "inductor"
     cfg = load_config([*overrides, "norm=rmsnorm"])
     args = model_args(cfg)
@@ -113,6 +134,8 @@ def measure(quick: bool = False) -> tuple[dict, dict]:
     times = interleaved(cases, repeats, warmup=2)
     ce = _loss_times(batch * seq, args.vocab_size, repeats)
     hf_best = min(("hf_eager", "hf_compiled"), key=lambda name: median(times[name]))
+    # Both sides run these kernels on the same shapes; their time alone bounds how far ahead a step can be.
+    shared_s = {name: _shared_kernel_seconds(cases[name], 1 if quick else 3) for name in ("fms_compiled", hf_best)}
     step_tokens = batch * seq
     results = {
         "fms_over_hf_step_eager": ratio(times, "fms_eager", "hf_eager"),
@@ -121,12 +144,14 @@ def measure(quick: bool = False) -> tuple[dict, dict]:
         "dyt_over_rms_step": ratio(times, "dyt_eager", "fms_eager"),
         "dyt_over_rms_step_compiled": ratio(times, "dyt_compiled", "fms_compiled"),
         "ce_fused_over_torch_fwdbwd": ratio(ce, "fused", "torch"),
+        "shared_kernels_over_hf_step_compiled": median(shared_s["fms_compiled"]) / median(times[hf_best]),
     }
     details = {
         "model": " ".join(overrides), "n_params": sum(p.numel() for p in reference.parameters()),
         "micro_batch": batch, "seq_len": seq, "dtype": "float32", "repeats": repeats, "compile_backend": backend,
         "hf_best": hf_best, "loss_fms": loss_fms.item(), "loss_hf": loss_hf.item(),
         "median_ms": {**medians_ms(times), **{f"cross_entropy_{k}": v for k, v in medians_ms(ce).items()}},
+        "shared_kernels_ms": {name: round(median(v) * 1e3, 3) for name, v in shared_s.items()},
         "tokens_per_s": {name: round(step_tokens / median(t), 1) for name, t in times.items()},
     }
     return results, details

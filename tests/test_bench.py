@@ -18,7 +18,8 @@ from harness import interleaved, ratio  # noqa: E402
 KEYS = [
     "dyt_over_rms_eager_fwdbwd", "dyt_over_rms_best_fwdbwd", "dyt_over_rms_eager_fwdbwd_fp32",
     "dyt_over_rms_best_fwdbwd_fp32", "fms_over_hf_step_eager", "fms_over_hf_step_compiled",
-    "dyt_over_rms_step", "dyt_over_rms_step_compiled", "ce_fused_over_torch_fwdbwd", "data_over_tokenizer", "ckpt_save_over_dd",
+    "dyt_over_rms_step", "dyt_over_rms_step_compiled", "ce_fused_over_torch_fwdbwd",
+    "shared_kernels_over_hf_step_compiled", "data_over_tokenizer", "ckpt_save_over_dd",
     "ckpt_load_s", "gloo_1rank_tokens_per_s", "gloo_2rank_tokens_per_s", "gloo_2rank_over_1rank_throughput",
     "quickstart_tokens_per_s",
 ]

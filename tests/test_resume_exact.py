@@ -21,7 +21,9 @@ def torchrun(run_dir, *extra, nproc=2):
 
 
 def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").open())}
+    """Losses by step. Polled while the trainer writes: a last line without its newline is not read yet."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines(keepends=True)
+    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.endswith("\n"))}
 
 
 def test_sigkill_after_step_10_then_same_losses_and_continue_on_one_process(tmp_path):
