@@ -17,8 +17,9 @@ import torch
 
 log = logging.getLogger("fms_dyt")
 
-# The sample printed at the end of every training run.
-SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 30
+# The sample printed at the end of every training run. "def", not "def ": a SentencePiece tokenizer
+# encodes a trailing space as a lone "▁" token, which training text (" def foo") never has.
+SAMPLE_PROMPT, SAMPLE_TOKENS = "def", 30
 # Above this size the sample is not worth rank 0 loading a full fp32 copy of the model into host memory.
 SAMPLE_MAX_PARAMS = 1_000_000_000
 
@@ -36,6 +37,11 @@ def continuation(model, tokenizer, prompt: str, max_new_tokens: int, temperature
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+    # Decoded together with the prompt: SentencePiece drops a word's leading space at the start of a text.
+    prompt_text = tokenizer.decode(ids[0], skip_special_tokens=True)
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    if text.startswith(prompt_text):
+        return text[len(prompt_text):]
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -52,7 +58,7 @@ def print_final_sample(checkpoint: Path, n_params: int) -> None:
     except Exception as e:  # the run itself succeeded; the sample is only a look at it
         log.warning("no sample from %s: %s: %s", checkpoint, type(e).__name__, e)
         return
-    print(f"sample ({SAMPLE_TOKENS} greedy tokens after {SAMPLE_PROMPT!r}):\n{SAMPLE_PROMPT}{text}", flush=True)
+    print(f"\nsample ({SAMPLE_TOKENS} greedy tokens after {SAMPLE_PROMPT!r}):\n{SAMPLE_PROMPT}{text}", flush=True)
 
 
 def _require(tokenizer, path):

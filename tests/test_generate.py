@@ -106,4 +106,4 @@ def test_end_of_run_sample_failure_is_a_warning(tmp_path, caplog, capsys):
         print_final_sample(broken, n_params=1000)
     assert f"no sample from {broken}" in caplog.text
     print_final_sample(broken, n_params=10**12)  # too large to load on rank 0: the command instead
-    assert capsys.readouterr().out == f"sample: python -m fms_dyt.generate {broken} --prompt 'def '\n"
+    assert capsys.readouterr().out == f"sample: python -m fms_dyt.generate {broken} --prompt 'def'\n"
