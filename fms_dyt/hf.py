@@ -1,9 +1,10 @@
 """fms-dyt models as Hugging Face ``transformers`` models, and LLaMA weight conversion.
 
 ``FmsDytForCausalLM`` wraps the fms-dyt ``Transformer`` so that ``AutoModelForCausalLM`` and
-lm-eval's ``HFLM`` take it directly, and ``generate()`` works with a KV cache. This file, ``model.py``, ``norms.py`` and ``ops.py`` only use
-relative imports: ``fms_dyt.export`` copies them beside exported weights, so the directory loads
-with ``trust_remote_code=True`` on machines without fms-dyt.
+lm-eval's ``HFLM`` take it directly, and ``generate()`` works with a KV cache. This file,
+``model.py``, ``norms.py`` and ``ops.py`` only use relative imports: ``fms_dyt.export`` copies them
+beside exported weights, so the directory loads with ``trust_remote_code=True`` on machines
+without fms-dyt.
 """
 
 from __future__ import annotations
