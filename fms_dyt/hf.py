@@ -1,9 +1,10 @@
 """fms-dyt models as Hugging Face ``transformers`` models, and LLaMA weight conversion.
 
 ``FmsDytForCausalLM`` wraps the fms-dyt ``Transformer`` so that ``AutoModelForCausalLM`` and
-lm-eval's ``HFLM`` take it directly. This file, ``model.py``, ``norms.py`` and ``ops.py`` only use
-relative imports: ``fms_dyt.export`` copies them beside exported weights, so the directory loads
-with ``trust_remote_code=True`` on machines without fms-dyt.
+lm-eval's ``HFLM`` take it directly, and ``generate()`` works with a KV cache. This file,
+``model.py``, ``norms.py`` and ``ops.py`` only use relative imports: ``fms_dyt.export`` copies them
+beside exported weights, so the directory loads with ``trust_remote_code=True`` on machines
+without fms-dyt.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, LlamaConfig, PretrainedConfig, PreTrainedModel,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .model import ModelArgs, Transformer
 from .norms import NormArgs
@@ -45,7 +48,7 @@ class FmsDytConfig(PretrainedConfig):
         return NormArgs(**self.norm)
 
 
-class FmsDytForCausalLM(PreTrainedModel):
+class FmsDytForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = FmsDytConfig
     base_model_prefix = "model"
     _no_split_modules = ["TransformerBlock"]
@@ -65,15 +68,43 @@ class FmsDytForCausalLM(PreTrainedModel):
     def get_output_embeddings(self):
         return self.model.output
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask=None, labels=None, **kwargs):
-        # Causal attention only: padding on the right (as lm-eval pads) does not affect real tokens.
-        logits = self.model(input_ids)
+    def forward(self, input_ids: torch.LongTensor, attention_mask=None, position_ids=None, cache=None,
+                use_cache=None, labels=None, **kwargs):
+        """Logits (and loss with ``labels``) as transformers models return them.
+
+        ``generate()`` passes a ``cache``, the ``position_ids`` and, for left-padded batches, the
+        ``attention_mask`` (1: token, 0: padding) over the cached and the new tokens.
+        """
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = None
+        if cache is not None or attention_mask is not None:
+            mask = visibility_mask(attention_mask, past, input_ids)
+        if position_ids is None and past:
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+        logits = self.model(input_ids, cache, position_ids, mask)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def visibility_mask(attention_mask, past: int, input_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, past + seq] bool: each new token sees the earlier non-padding tokens and itself.
+
+    ``attention_mask`` [batch, past + seq] marks padding with 0 (None: no padding). A padding token
+    also sees itself, so that no row is fully masked (which would give NaN).
+    """
+    batch, seq = input_ids.shape
+    query = torch.arange(past, past + seq, device=input_ids.device)[:, None]
+    key = torch.arange(past + seq, device=input_ids.device)[None, :]
+    visible = (key <= query).expand(batch, seq, past + seq)
+    if attention_mask is not None:
+        visible = visible & attention_mask[:, None, :].bool()
+    return (visible | (key == query))[:, None]
 
 
 def register_auto_classes() -> None:
@@ -112,14 +143,19 @@ def llama_name(name: str) -> str:
     return f"{_TOP_NAMES[module]}.{leaf}"
 
 
-def llama_config(args: ModelArgs, norm: NormArgs, **kwargs) -> LlamaConfig:
-    """The ``LlamaConfig`` of an RMSNorm model without the embedding scalar."""
+def require_llama_expressible(norm: NormArgs) -> None:
+    """Refuse a model that plain ``LlamaForCausalLM`` cannot express (DyT, the embedding scalar)."""
     if norm.kind != "rmsnorm" or norm.embedding_scale:
         raise ValueError(
             f"--format llama needs norm=rmsnorm without the embedding scalar (this model has "
             f"norm={norm.kind}, embedding_scale={norm.embedding_scale}); plain LlamaForCausalLM "
             "cannot express it. Export with --format fms_dyt instead."
         )
+
+
+def llama_config(args: ModelArgs, norm: NormArgs, **kwargs) -> LlamaConfig:
+    """The ``LlamaConfig`` of an RMSNorm model without the embedding scalar."""
+    require_llama_expressible(norm)
     return LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,

@@ -53,29 +53,36 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> torch
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, heads, seq, head_dim] by the angles in ``rope`` (rotate-half layout)."""
-    cos, sin = rope[0, : x.shape[-2]].to(x.dtype), rope[1, : x.shape[-2]].to(x.dtype)
+    """Rotate x [batch, heads, seq, head_dim] by ``rope``: the cos and sin of x's own positions,
+    [2, seq, head_dim], or [2, batch, 1, seq, head_dim] when each sequence has its own positions."""
+    cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx  # this layer's slot in a generation cache
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
+        """Causal self-attention; for generation, ``cache`` (e.g. a transformers ``DynamicCache``)
+        keeps the keys and values of earlier tokens and ``mask`` [batch, 1, seq, cached + seq]
+        (True: visible) says which of them each query sees."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -94,15 +101,15 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, norm: NormArgs):
+    def __init__(self, args: ModelArgs, norm: NormArgs, layer_idx: int):
         super().__init__()
         self.attention_norm = build_norm(args.dim, "attn", norm)
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_idx)
         self.ffn_norm = build_norm(args.dim, "ffn", norm)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, cache, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -113,28 +120,34 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # One learnable scalar on the embeddings (DyT models; without it, activations start too small).
         self.embedding_scale = nn.Parameter(torch.ones(1)) if norm.embedding_scale else None
-        self.layers = nn.ModuleList(TransformerBlock(args, norm) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, norm, i) for i in range(args.n_layers))
         self.norm = build_norm(args.dim, "final", norm)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope", torch.empty(0), persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights(seed=0)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, seq, vocab] for token ids [batch, seq]."""
+    def forward(self, tokens: torch.Tensor, cache=None, positions=None, mask=None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for token ids [batch, seq].
+
+        Training passes tokens only. Generation also passes a ``cache`` of earlier keys and values,
+        the tokens' ``positions`` [batch, seq] and the visibility ``mask`` (see ``Attention``).
+        """
         if self.rope.device != tokens.device or self.rope.numel() == 0:
             # Built on the meta device by a loader that never called init_buffers (e.g. from_pretrained).
             self.init_buffers(tokens.device)
-        if tokens.shape[1] > self.rope.shape[1]:
+        end = tokens.shape[1] if positions is None else int(positions.max()) + 1
+        if end > self.rope.shape[1]:
             raise ValueError(
-                f"sequence of {tokens.shape[1]} tokens is longer than model.max_seq_len="
+                f"sequence of {end} tokens is longer than model.max_seq_len="
                 f"{self.rope.shape[1]}; raise model.max_seq_len or shorten train.seq_len"
             )
+        rope = self.rope[:, :end] if positions is None else self.rope[:, positions].unsqueeze(2)
         h = self.tok_embeddings(tokens)
         if self.embedding_scale is not None:
             h = h * self.embedding_scale.to(h.dtype)
         for layer in self.layers:
-            h = layer(h, self.rope)
+            h = layer(h, rope, cache, mask)
         return self.output(self.norm(h))
 
     # ---- initialisation -------------------------------------------------------------------

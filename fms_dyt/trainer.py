@@ -202,6 +202,9 @@ def train(cfg, data=None) -> int:
               + (f"  W&B run:    {wandb_dir} (offline: `wandb sync {Path(wandb_dir).parent}`)\n" if wandb_dir else "")
               + f"next: python eval/zero_shot.py {run_dir}   |   python -m fms_dyt.analyze {run_dir} --out {run_dir}/report",
               flush=True)
+        from fms_dyt.generate import print_final_sample
+
+        print_final_sample(last, count_parameters(model)["total"])
     dist.destroy_process_group()
     return 0
 
