@@ -12,9 +12,11 @@ import pytest
 
 from test_eval_zero_shot import REPO, STEPS, TASK_DATA, trained_run
 
+from fms_dyt.eval.cli import main, parse_args
+from fms_dyt.eval.run import run
+
 sys.path.insert(0, str(REPO / "eval"))
 import prefetch  # noqa: E402
-import zero_shot  # noqa: E402
 
 # acc + acc_norm, our record override (em, f1), and a continuous score (mc2's probability mass).
 AGREEMENT_TASKS = ["tiny_arc_easy", "tiny_hellaswag", "tiny_record", "tiny_truthfulqa_mc2"]
@@ -44,8 +46,8 @@ def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what main() sets after probing the hub here
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     try:
-        code = zero_shot.main([str(run_dir), "--include-path", str(TASK_DATA), "--tasks", *AGREEMENT_TASKS,
-                               "--batch-size", "4", "--output", str(tmp_path / "ours.json")])
+        code = main([str(run_dir), "--include-path", str(TASK_DATA), "--tasks", *AGREEMENT_TASKS,
+                     "--batch-size", "4", "--output", str(tmp_path / "ours.json")])
     finally:
         stock_log, _ = stock.communicate(timeout=600)
     assert code == 0
@@ -64,8 +66,8 @@ def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, t
         assert {k for k in theirs[task] if "," in k} == {k for k in report["lm_eval_results"][task] if "," in k}
     assert compared == 2 * (2 + 2 + 2 + 1)  # every metric and its stderr
     # zero_shot.py also takes the exported directory itself (its own tokenizer, no training config).
-    direct = zero_shot.run(zero_shot.parse_args([str(exported), "--include-path", str(TASK_DATA), "--tasks",
-                                                 "tiny_truthfulqa_mc2", "--batch-size", "4"]))
+    direct = run(parse_args([str(exported), "--include-path", str(TASK_DATA), "--tasks",
+                             "tiny_truthfulqa_mc2", "--batch-size", "4"]))
     assert direct["checkpoint"]["kind"] == "exported" and direct["checkpoint"]["step"] is None
     assert direct["training_config"] is None and direct["model"]["norm"]["kind"] == "dyt"
     assert direct["rows"][0]["value"] == pytest.approx(theirs["tiny_truthfulqa_mc2"]["acc,none"], abs=1e-6)
