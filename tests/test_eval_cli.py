@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from test_eval_zero_shot import REPO, STEPS, TASK_DATA, trained_run
 
 from fms_dyt.eval.cli import main, parse_args
 from fms_dyt.eval.run import run
+from fms_dyt.eval.tasks import DEFAULT_TASKS, load_tasks, task_manager
 
 sys.path.insert(0, str(REPO / "eval"))
 import prefetch  # noqa: E402
@@ -82,7 +85,39 @@ def test_offline_without_cache_fails_fast_naming_the_dataset(run_dir, tmp_path):
     assert done.returncode == 2
     assert "allenai/ai2_arc (ARC-Easy)" in done.stderr
     assert "python eval/prefetch.py --tasks arc_easy" in done.stderr
+    assert f"python eval/zero_shot.py {run_dir} --include-path tests/data/eval_tasks --tasks tiny_arc_easy\n" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_offline_the_quickstarts_next_step_shows_prefetch_and_the_bundled_tiny_tasks(run_dir, tmp_path, monkeypatch):
+    """`python eval/zero_shot.py runs/quickstart`, as the quickstart suggests, on a machine without
+    network or cache: the error names eval/prefetch.py and a command that works offline."""
+    empty = tmp_path / "hf"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(empty),
+           "HF_DATASETS_CACHE": str(empty / "datasets")}
+    elsewhere = tmp_path / "work"
+    (elsewhere / "runs").mkdir(parents=True)
+    (elsewhere / "runs" / "quickstart").symlink_to(run_dir)
+    done = subprocess.run([sys.executable, str(REPO / "eval" / "zero_shot.py"), "runs/quickstart"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"python eval/prefetch.py --tasks {' '.join(DEFAULT_TASKS)}" in done.stderr
+    assert f"from the repository root ({REPO})" in done.stderr
+    (hint,) = [line.strip() for line in done.stderr.splitlines()
+               if line.strip().startswith("python eval/zero_shot.py")]
+    command = shlex.split(hint)
+    assert command[:2] == ["python", "eval/zero_shot.py"]
+    args = parse_args(command[2:])
+    assert args.ckpt == (elsewhere / "runs" / "quickstart").resolve()
+    assert args.include_path == [Path("tests/data/eval_tasks")]
+    assert args.tasks == [f"tiny_{t}" for t in DEFAULT_TASKS]
+    # The hinted command finds its tasks and their data offline, from the repository root.
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manager = task_manager(args.tasks, args.include_path)
+    loaded = load_tasks(manager, args.tasks, args.include_path, progress=lambda msg: None)
+    assert sorted(loaded) == sorted(args.tasks)
 
 
 @pytest.fixture()

@@ -20,10 +20,11 @@ log = logging.getLogger("fms_dyt.eval")
 
 class _QuietBenign(logging.Filter):
     """Drop lm-eval warnings that say nothing to fms-dyt users: we pass an in-memory model on
-    purpose, and the built-in boolq/rte/wic rely on the default aggregation (mean, higher is better)."""
+    purpose; the built-in boolq/rte/wic rely on the default aggregation (mean, higher is better);
+    a tag defined in several of the folders indexed (super_glue's) "overrides" itself."""
 
     BENIGN = ("is not of type `str`", "already-initialized model", "is defined, but aggregation is not",
-              "is defined, but higher_is_better is not")
+              "is defined, but higher_is_better is not", "from None overrides existing task from None")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(b in record.getMessage() for b in self.BENIGN)
