@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from fms_dyt.eval import EvalError
 from fms_dyt.eval.cli import parse_args
 from fms_dyt.eval.hub import offline_if_hub_unreachable
-from fms_dyt.eval.report import averages, format_table, metric_rows
-from fms_dyt.eval.tasks import BUNDLED_TASKS, DEFAULT_TASKS, check_task_names, describe, is_local, task_config, task_manager, task_source
-from fms_dyt.eval import EvalError
+from fms_dyt.eval.report import averages, format_table, metric_rows, primary_scores, read_report, write_json
+from fms_dyt.eval.tasks import (BUNDLED_TASKS, DEFAULT_TASKS, builtin_folders_file, check_task_names, describe, is_local,
+                                task_config, task_manager, task_source)
 
 REPO = Path(__file__).resolve().parent.parent
 TASK_DATA = REPO / "tests" / "data" / "eval_tasks"
@@ -349,3 +350,53 @@ def test_offline_mode_is_switched_on_when_nothing_listens_on_the_endpoints_port(
     hub_env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     assert offline_if_hub_unreachable(timeout=5)
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_an_unreadable_task_folders_file_is_rebuilt(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FMS_DYT_CACHE", str(tmp_path))
+    path = builtin_folders_file()
+    path.parent.mkdir(parents=True)
+    path.write_text('{"arc_easy": "/tmp/a-folder-cut-')  # a write cut short
+    manager = task_manager(["arc_easy"])
+    assert "ignoring" in caplog.text and str(path) in caplog.text
+    assert manager.task_index["arc_easy"].yaml_path.name == "arc_easy.yaml" and len(manager.all_tasks) < 500
+    folders = json.loads(path.read_text())
+    assert Path(folders["arc_easy"]) == manager.task_index["arc_easy"].yaml_path.resolve().parent
+    assert "record" not in folders  # eval/tasks' record is ours, not a built-in folder to remember
+
+
+# ---- the report ------------------------------------------------------------------------------------
+def small_report() -> dict:
+    rows = metric_rows(lm_eval_results(), DEFAULT_TASKS)
+    return {"checkpoint": {"kind": "training", "run_dir": "/runs/x", "step": 5}, "evaluation": {"limit": None},
+            "tasks": {t: {"version": 1.0} for t in DEFAULT_TASKS}, "rows": rows,
+            "averages": averages(rows, DEFAULT_TASKS)}
+
+
+def test_read_report_returns_what_was_written(tmp_path):
+    write_json(small_report(), tmp_path / "r.json")
+    report = read_report(tmp_path / "r.json")
+    assert report == small_report()
+    assert primary_scores(report)["arc_easy"] == ("acc_norm", 0.6) and primary_scores(report)["record"] == ("em", 0.3)
+
+
+@pytest.mark.parametrize("change, error, where", [
+    (lambda r: r.pop("averages"), KeyError, "has no key 'averages'"),
+    (lambda r: r["rows"][1].update(value="0.5"), TypeError, "rows[1].value is '0.5', not a number"),
+    (lambda r: r["checkpoint"].update(step="5"), TypeError, "checkpoint.step is '5', not an integer"),
+    (lambda r: r["rows"].pop(1), KeyError, "names anli_r2 acc, which no row holds"),
+    (lambda r: r["tasks"].update(piqa=[]), TypeError, "tasks['piqa'] is a list, not an object"),
+], ids=["missing", "number", "integer", "primary-without-row", "object"])
+def test_read_report_names_the_file_and_what_is_wrong(tmp_path, change, error, where):
+    report = small_report()
+    change(report)
+    write_json(report, tmp_path / "r.json")
+    with pytest.raises(error) as caught:
+        read_report(tmp_path / "r.json")
+    assert str(tmp_path / "r.json") in str(caught.value) and where in str(caught.value)
+
+
+def test_read_report_of_a_file_that_is_not_json(tmp_path):
+    (tmp_path / "r.json").write_text('{"checkpoint": ')
+    with pytest.raises(ValueError, match="r.json is not JSON"):
+        read_report(tmp_path / "r.json")

@@ -77,7 +77,8 @@ def _is_plain_task(entry) -> bool:
     return entry.yaml_path is not None and isinstance(cfg.get("task"), str) and "group" not in cfg
 
 
-def _folders_file() -> Path:
+def builtin_folders_file() -> Path:
+    """Where the folders of lm-eval's built-in tasks are remembered, for this lm-eval installation."""
     import hashlib
     from importlib.metadata import version
 
@@ -90,7 +91,7 @@ def _folders_file() -> Path:
 
 
 def _builtin_folders() -> dict[str, str]:
-    path = _folders_file()
+    path = builtin_folders_file()
     if not path.is_file():
         return {}
     try:
@@ -102,7 +103,7 @@ def _builtin_folders() -> dict[str, str]:
 
 
 def _save_builtin_folders(folders: dict[str, str]) -> None:
-    path = _folders_file()
+    path = builtin_folders_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of a torchrun may write at once
     tmp.write_text(json.dumps(folders, sort_keys=True))
