@@ -330,6 +330,17 @@ def test_the_hub_probe_reaches_the_endpoints_port_through_the_https_proxy(hub_en
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
 
 
+def test_a_gateway_error_of_the_http_proxy_means_offline(hub_env):
+    proxy = FakeServer(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+    hub_env.setenv("HF_ENDPOINT", "http://hub.example:8080")
+    hub_env.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+    try:
+        assert offline_if_hub_unreachable(timeout=5)
+    finally:
+        proxy.close()
+    assert proxy.requests == ["HEAD http://hub.example:8080 HTTP/1.1"]
+
+
 def test_online_mode_is_kept_when_the_hub_answers_on_its_port(hub_env):
     hub = FakeServer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     hub_env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")

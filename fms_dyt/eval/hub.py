@@ -21,7 +21,7 @@ def offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
     Without this, ``datasets`` retries an unreachable hub for ~25 s per dataset before failing.
     The probe is one HEAD request to ``$HF_ENDPOINT`` (its scheme, host and port) through the
     proxies of the environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``), as the Hugging
-    Face libraries would reach it; any HTTP answer counts as reachable. Must run before
+    Face libraries would reach it; any HTTP answer below 500 counts as reachable. Must run before
     ``datasets``/``huggingface_hub`` are imported (they read the variables then). Returns True
     when offline mode is on (set here or by the user).
     """
@@ -34,14 +34,17 @@ def offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
     try:
         opener.open(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
         return False
-    except urllib.error.HTTPError:  # an answer, even 4xx/5xx: the hub (or its proxy) is there
-        return False
+    except urllib.error.HTTPError as e:  # an answer; 5xx: the hub, or what a proxy reached, is down
+        if e.code < 500:
+            return False
+        why: Exception = e
     except (OSError, ValueError) as e:  # URLError, timeouts, TLS failures; ValueError: a malformed URL
-        via = _proxy_for(endpoint)
-        log.warning("%s is unreachable%s (%s): using the local Hugging Face cache only",
-                    endpoint, f" through the proxy {via}" if via else "", e)
-        _go_offline()
-        return True
+        why = e
+    via = _proxy_for(endpoint)
+    log.warning("%s is unreachable%s (%s): using the local Hugging Face cache only",
+                endpoint, f" through the proxy {via}" if via else "", why)
+    _go_offline()
+    return True
 
 
 def _proxy_for(url: str) -> str | None:

@@ -48,10 +48,12 @@ def task_manager(tasks: list[str], include_paths: Iterable[Path] = ()):
             raise EvalError(f"--include-path {p} is not a directory (give a folder of lm-eval task YAMLs)")
     ours = [BUNDLED_TASKS, *include_paths]
     resolved = [p.resolve() for p in ours]
-    quick = _indexing_only(tasks, ours, _builtin_folders())
+    known = _builtin_folders()
+    quick = _indexing_only(tasks, ours, known)
     if quick is not None:
         return quick
-    log.info("indexing all of lm-eval's tasks (once per lm-eval installation for its built-in tasks)")
+    log.info("indexing all of lm-eval's tasks (%s: not a built-in task indexed before, nor in %s)",
+             ", ".join(t for t in tasks if t not in known), ", ".join(map(str, ours)))
     full = TaskManager(include_path=[str(p) for p in ours])
     folders = {name: str(entry.yaml_path.resolve().parent) for name, entry in full.task_index.items()
                if _is_plain_task(entry) and not any(entry.yaml_path.resolve().is_relative_to(p) for p in resolved)}
@@ -104,10 +106,14 @@ def _builtin_folders() -> dict[str, str]:
 
 def _save_builtin_folders(folders: dict[str, str]) -> None:
     path = builtin_folders_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of a torchrun may write at once
-    tmp.write_text(json.dumps(folders, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(folders, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs time, not results
+        log.warning("cannot write %s (%s): every run will index all of lm-eval's tasks; set FMS_DYT_CACHE "
+                    "to a writable folder", path, e)
 
 
 def check_task_names(manager, tasks: list[str]) -> None:
