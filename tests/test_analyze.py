@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import matplotlib.image
