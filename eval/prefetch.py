@@ -14,30 +14,33 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import zero_shot  # noqa: E402  (this folder is not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's fms_dyt first
+
+from fms_dyt.eval import EXIT_USAGE, EvalError  # noqa: E402
+from fms_dyt.eval.cli import add_include_path_argument, add_tasks_argument, split_tasks  # noqa: E402
+from fms_dyt.eval.hub import offline_if_hub_unreachable  # noqa: E402
+from fms_dyt.eval.run import setup_logging  # noqa: E402
+from fms_dyt.eval.tasks import check_task_names, load_tasks, task_manager  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python eval/prefetch.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=zero_shot.DEFAULT_TASKS, metavar="TASK",
-                   help="lm-eval task names, space or comma separated (default: the paper's 15)")
-    p.add_argument("--include-path", action="append", type=Path, default=[], metavar="DIR",
-                   help="folder of extra lm-eval task YAMLs (repeatable), as for zero_shot.py")
+    add_tasks_argument(p)
+    add_include_path_argument(p, "folder of extra lm-eval task YAMLs (repeatable), as for zero_shot.py")
     args = p.parse_args(argv)
-    tasks = [t for item in args.tasks for t in item.split(",") if t]
-    zero_shot._setup_logging()
+    tasks = split_tasks(args.tasks)
+    setup_logging()
     log = logging.getLogger("fms_dyt.eval")
     # Without the hub, report what is cached already and what is not, instead of retrying for minutes.
-    zero_shot.offline_if_hub_unreachable()
+    offline_if_hub_unreachable()
     try:
-        manager = zero_shot.task_manager(tasks, args.include_path)
-        zero_shot.check_task_names(manager, tasks)
-        loaded = zero_shot.load_tasks(manager, tasks, args.include_path, progress=log.info)
-    except zero_shot.EvalError as e:
+        manager = task_manager(tasks, args.include_path)
+        check_task_names(manager, tasks)
+        loaded = load_tasks(manager, tasks, args.include_path, progress=log.info)
+    except EvalError as e:
         print(f"prefetch.py: error: {e}", file=sys.stderr)
-        return zero_shot.EXIT_USAGE
+        return EXIT_USAGE
     for name, task in loaded.items():
         docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
         log.info("  %-16s %6d documents", name, len(docs))

@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -21,11 +20,10 @@ from fms_dyt.analysis.runs import AnalysisError, load_run, read_metrics
 from fms_dyt.analyze import analyze, main
 from fms_dyt.checkpoint import load_for_inference
 from fms_dyt.config import load_config
+from fms_dyt.eval.report import averages, default_output, metric_rows, write_json
 from fms_dyt.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "eval"))
-import zero_shot  # noqa: E402
 
 SEQ, MICRO, LAYERS, STEPS = 32, 2, 2, 6
 
@@ -180,14 +178,14 @@ def _fake_eval(run_dir: Path, step: int, scores: dict, limit=None) -> Path:
     """A results file in eval/zero_shot.py's format (its rows and averages from its own functions)."""
     results = {task: {f"{metric},none": value for metric, value in metrics.items()} for task, metrics in scores.items()}
     tasks = list(scores)
-    rows = zero_shot.metric_rows(results, tasks)
+    rows = metric_rows(results, tasks)
     report = {
         "checkpoint": {"kind": "training", "run_dir": str(run_dir), "step": step},
         "evaluation": {"limit": limit}, "tasks": {t: {"version": 1} for t in tasks},
-        "rows": rows, "averages": zero_shot.averages(rows, tasks),
+        "rows": rows, "averages": averages(rows, tasks),
     }
-    path = zero_shot.default_output(report["checkpoint"], limit)
-    zero_shot.write_json(report, path)
+    path = default_output(report["checkpoint"], limit)
+    write_json(report, path)
     return path
 
 

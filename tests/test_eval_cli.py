@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from test_eval_zero_shot import REPO, STEPS, TASK_DATA, trained_run
 
+from fms_dyt.eval.cli import main, parse_args
+from fms_dyt.eval.run import run
+from fms_dyt.eval.tasks import DEFAULT_TASKS, load_tasks, task_manager
+
 sys.path.insert(0, str(REPO / "eval"))
 import prefetch  # noqa: E402
-import zero_shot  # noqa: E402
 
 # acc + acc_norm, our record override (em, f1), and a continuous score (mc2's probability mass).
 AGREEMENT_TASKS = ["tiny_arc_easy", "tiny_hellaswag", "tiny_record", "tiny_truthfulqa_mc2"]
@@ -44,8 +49,8 @@ def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what main() sets after probing the hub here
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     try:
-        code = zero_shot.main([str(run_dir), "--include-path", str(TASK_DATA), "--tasks", *AGREEMENT_TASKS,
-                               "--batch-size", "4", "--output", str(tmp_path / "ours.json")])
+        code = main([str(run_dir), "--include-path", str(TASK_DATA), "--tasks", *AGREEMENT_TASKS,
+                     "--batch-size", "4", "--output", str(tmp_path / "ours.json")])
     finally:
         stock_log, _ = stock.communicate(timeout=600)
     assert code == 0
@@ -64,8 +69,8 @@ def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, t
         assert {k for k in theirs[task] if "," in k} == {k for k in report["lm_eval_results"][task] if "," in k}
     assert compared == 2 * (2 + 2 + 2 + 1)  # every metric and its stderr
     # zero_shot.py also takes the exported directory itself (its own tokenizer, no training config).
-    direct = zero_shot.run(zero_shot.parse_args([str(exported), "--include-path", str(TASK_DATA), "--tasks",
-                                                 "tiny_truthfulqa_mc2", "--batch-size", "4"]))
+    direct = run(parse_args([str(exported), "--include-path", str(TASK_DATA), "--tasks",
+                             "tiny_truthfulqa_mc2", "--batch-size", "4"]))
     assert direct["checkpoint"]["kind"] == "exported" and direct["checkpoint"]["step"] is None
     assert direct["training_config"] is None and direct["model"]["norm"]["kind"] == "dyt"
     assert direct["rows"][0]["value"] == pytest.approx(theirs["tiny_truthfulqa_mc2"]["acc,none"], abs=1e-6)
@@ -80,7 +85,39 @@ def test_offline_without_cache_fails_fast_naming_the_dataset(run_dir, tmp_path):
     assert done.returncode == 2
     assert "allenai/ai2_arc (ARC-Easy)" in done.stderr
     assert "python eval/prefetch.py --tasks arc_easy" in done.stderr
+    assert f"python eval/zero_shot.py {run_dir} --include-path tests/data/eval_tasks --tasks tiny_arc_easy\n" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_offline_the_quickstarts_next_step_shows_prefetch_and_the_bundled_tiny_tasks(run_dir, tmp_path, monkeypatch):
+    """`python eval/zero_shot.py runs/quickstart`, as the quickstart suggests, on a machine without
+    network or cache: the error names eval/prefetch.py and a command that works offline."""
+    empty = tmp_path / "hf"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(empty),
+           "HF_DATASETS_CACHE": str(empty / "datasets")}
+    elsewhere = tmp_path / "work"
+    (elsewhere / "runs").mkdir(parents=True)
+    (elsewhere / "runs" / "quickstart").symlink_to(run_dir)
+    done = subprocess.run([sys.executable, str(REPO / "eval" / "zero_shot.py"), "runs/quickstart"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"python eval/prefetch.py --tasks {' '.join(DEFAULT_TASKS)}" in done.stderr
+    assert f"from the repository root ({REPO})" in done.stderr
+    (hint,) = [line.strip() for line in done.stderr.splitlines()
+               if line.strip().startswith("python eval/zero_shot.py")]
+    command = shlex.split(hint)
+    assert command[:2] == ["python", "eval/zero_shot.py"]
+    args = parse_args(command[2:])
+    assert args.ckpt == (elsewhere / "runs" / "quickstart").resolve()
+    assert args.include_path == [Path("tests/data/eval_tasks")]
+    assert args.tasks == [f"tiny_{t}" for t in DEFAULT_TASKS]
+    # The hinted command finds its tasks and their data offline, from the repository root.
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manager = task_manager(args.tasks, args.include_path)
+    loaded = load_tasks(manager, args.tasks, args.include_path, progress=lambda msg: None)
+    assert sorted(loaded) == sorted(args.tasks)
 
 
 @pytest.fixture()

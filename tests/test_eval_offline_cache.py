@@ -10,18 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_eval_zero_shot import REPO, STEPS, TASK_DATA, trained_run, zero_shot
+from test_eval_zero_shot import REPO, STEPS, TASK_DATA, trained_run
+
+from fms_dyt.eval.tasks import DEFAULT_TASKS, task_config, task_manager
 
 
 def hub_data() -> dict:
     """{(hub dataset, configuration): (splits the task reads, our rows)} from the real task configs."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    manager = zero_shot.task_manager(zero_shot.DEFAULT_TASKS)
+    manager = task_manager(DEFAULT_TASKS)
+    tiny_tasks = task_manager([], [TASK_DATA])
     wanted = {}
     for tiny in TASK_DATA.glob("tiny_*.yaml"):
-        cfg = load_yaml(tiny, resolve_func=False)
-        real = load_yaml(manager.task_index[cfg["metadata"]["format_of"]].yaml_path, resolve_func=False)
+        cfg = task_config(tiny_tasks, tiny.stem)
+        real = task_config(manager, cfg["metadata"]["format_of"])
         splits = {real.get(k) for k in ("training_split", "validation_split", "test_split", "fewshot_split")} - {None}
         key = (real["dataset_path"], real.get("dataset_name"))
         rows = REPO / cfg["dataset_kwargs"]["data_files"]["validation"]
@@ -63,7 +64,7 @@ def test_the_15_tasks_run_offline_from_the_datasets_cache(tmp_path_factory, tmp_
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
-    assert list(report["tasks"]) == zero_shot.DEFAULT_TASKS
+    assert list(report["tasks"]) == DEFAULT_TASKS
     assert len(report["rows"]) == 21
     assert report["averages"]["primary_mean"]["n"] == 15 and report["averages"]["openllama_mean"]["n"] == 21
     lines = [json.loads(line) for line in (TASK_DATA / "record.jsonl").read_text().splitlines()]

@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
-from test_eval_zero_shot import REPO, TASK_DATA, trained_run, zero_shot
+from test_eval_zero_shot import REPO, TASK_DATA, trained_run
+
+from fms_dyt.eval.cli import parse_args
+from fms_dyt.eval.run import run
 
 TASKS = ["tiny_arc_easy", "tiny_truthfulqa_mc2"]
 
@@ -29,8 +32,8 @@ def test_two_processes_score_like_one(tmp_path_factory, tmp_path, monkeypatch):
     assert two["evaluation"]["processes"] == 2
 
     monkeypatch.chdir(REPO)
-    one = zero_shot.run(zero_shot.parse_args([str(run_dir), "--include-path", str(TASK_DATA), "--tasks", *TASKS,
-                                              "--batch-size", "4", "--device", "cpu"]))
+    one = run(parse_args([str(run_dir), "--include-path", str(TASK_DATA), "--tasks", *TASKS,
+                          "--batch-size", "4", "--device", "cpu"]))
     assert one["evaluation"]["processes"] == 1
     assert [r["task"] for r in two["rows"]] == [r["task"] for r in one["rows"]]
     for a, b in zip(two["rows"], one["rows"]):

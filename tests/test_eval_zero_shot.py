@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from fms_dyt.eval import EvalError
+from fms_dyt.eval.cli import parse_args
+from fms_dyt.eval.lm import load_model, prepare_tokenizer
+from fms_dyt.eval.report import averages, default_output, write_json
+from fms_dyt.eval.run import run
+from fms_dyt.eval.tasks import task_config, task_manager
+from fms_dyt.eval.wandb_log import log_wandb
+
 REPO = Path(__file__).resolve().parent.parent
 TASK_DATA = REPO / "tests" / "data" / "eval_tasks"
-sys.path.insert(0, str(REPO / "eval"))
-import zero_shot  # noqa: E402
-
-from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
 TINY_TASKS = sorted(p.stem for p in TASK_DATA.glob("tiny_*.yaml"))
 STEPS, INTERVAL = 4, 2
@@ -50,13 +54,13 @@ def _repo_cwd(monkeypatch):
 @pytest.fixture(scope="module")
 def manager():
     """One task index for the whole module (built-in folders of the 15 tasks + the local tasks)."""
-    return zero_shot.task_manager(TINY_TASKS, [TASK_DATA])
+    return task_manager(TINY_TASKS, [TASK_DATA])
 
 
 def evaluate(ckpt, tasks, manager, *extra, batch_size="8"):
-    args = zero_shot.parse_args([str(ckpt), "--include-path", str(TASK_DATA), "--tasks", *tasks,
-                                 "--batch-size", batch_size, *extra])
-    return zero_shot.run(args, manager=manager)
+    args = parse_args([str(ckpt), "--include-path", str(TASK_DATA), "--tasks", *tasks,
+                       "--batch-size", batch_size, *extra])
+    return run(args, manager=manager)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def full_report(run_dir, manager):
     return evaluate(run_dir, TINY_TASKS, manager)
 
 
-def test_all_15_formats_are_scored_through_lm_eval(full_report, run_dir):
+def test_all_15_formats_are_scored_through_lm_eval(full_report, run_dir, manager):
     r = full_report
     assert list(r["tasks"]) == TINY_TASKS
     # The same 21 metric rows as the real 15 tasks: acc everywhere, acc_norm on 5, em and f1 on record.
@@ -75,7 +79,7 @@ def test_all_15_formats_are_scored_through_lm_eval(full_report, run_dir):
     for row in r["rows"]:
         assert 0.0 <= row["value"] <= 1.0 and row["stderr"] is not None and not math.isnan(row["stderr"])
     for task, info in r["tasks"].items():
-        cfg = load_yaml(TASK_DATA / f"{task}.yaml", resolve_func=False)
+        cfg = task_config(manager, task)
         data = REPO / cfg["dataset_kwargs"]["data_files"]["validation"]
         assert info["n_samples"] == info["n_docs"] == len(data.read_text().splitlines()), task
         assert info["num_fewshot"] == 0
@@ -123,15 +127,15 @@ def test_scores_are_the_models_own_loglikelihoods_with_bos(full_report, run_dir)
 
 def test_a_step_directory_and_the_json_file(run_dir, manager, tmp_path):
     step_dir = run_dir / "checkpoints" / f"step_{INTERVAL}"
-    args = zero_shot.parse_args([str(step_dir), "--include-path", str(TASK_DATA), "--tasks", "tiny_arc_easy",
-                                 "tiny_record", "--limit", "2", "--batch-size", "2"])
-    report = zero_shot.run(args, manager=manager)
+    args = parse_args([str(step_dir), "--include-path", str(TASK_DATA), "--tasks", "tiny_arc_easy",
+                       "tiny_record", "--limit", "2", "--batch-size", "2"])
+    report = run(args, manager=manager)
     assert report["checkpoint"]["step"] == INTERVAL
     assert report["checkpoint"]["run_dir"] == str(run_dir.resolve())
     assert report["evaluation"]["limit"] == 2 and report["tasks"]["tiny_arc_easy"]["n_samples"] == 2
-    out = zero_shot.default_output(report["checkpoint"], 2)
+    out = default_output(report["checkpoint"], 2)
     assert out == run_dir.resolve() / "eval" / f"zero_shot_step_{INTERVAL}_limit2.json"
-    zero_shot.write_json(report, tmp_path / "r.json")
+    write_json(report, tmp_path / "r.json")
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["averages"]["openllama_mean"]["definition"].startswith("OpenLLaMA-style")
     assert saved["tasks"]["tiny_record"]["metrics"]["em"]["value"] == report["tasks"]["tiny_record"]["metrics"]["em"]["value"]
@@ -143,11 +147,11 @@ def test_a_step_directory_copied_out_of_its_run(run_dir, tmp_path):
 
     copied = tmp_path / f"step_{INTERVAL}"
     shutil.copytree(run_dir / "checkpoints" / f"step_{INTERVAL}", copied)
-    _, _, info = zero_shot.load_model(copied)
+    _, _, info = load_model(copied)
     assert info["kind"] == "training" and info["step"] == INTERVAL and info["run_dir"] is None
-    assert zero_shot.default_output(info, None) == Path(f"zero_shot_step_{INTERVAL}.json")
-    with pytest.raises(zero_shot.EvalError, match="cannot load CKPT"):
-        zero_shot.load_model(tmp_path / "empty_run")
+    assert default_output(info, None) == Path(f"zero_shot_step_{INTERVAL}.json")
+    with pytest.raises(EvalError, match="cannot load CKPT"):
+        load_model(tmp_path / "empty_run")
 
 
 def test_batch_size_auto_finds_the_largest_that_runs(run_dir, manager):
@@ -159,11 +163,11 @@ def test_batch_size_auto_finds_the_largest_that_runs(run_dir, manager):
 def test_bos_is_prepended_and_eos_never():
     from fms_dyt.data import TokenizerConfig, load_tokenizer
 
-    tok = zero_shot.prepare_tokenizer(load_tokenizer(TokenizerConfig()), bos_id=1, eos_id=2)
+    tok = prepare_tokenizer(load_tokenizer(TokenizerConfig()), bos_id=1, eos_id=2)
     assert tok("Question: why?", add_special_tokens=True)["input_ids"][0] == 1
     tok.add_eos_token = True
-    with pytest.raises(zero_shot.EvalError, match="BOS"):
-        zero_shot.prepare_tokenizer(tok, bos_id=1, eos_id=2)
+    with pytest.raises(EvalError, match="BOS"):
+        prepare_tokenizer(tok, bos_id=1, eos_id=2)
 
 
 # ---- W&B -------------------------------------------------------------------------------------------
@@ -201,13 +205,13 @@ def small_report(run_dir, step=7):
     return {
         "checkpoint": {"path": str(run_dir), "kind": "training", "run_dir": str(run_dir), "step": step},
         "training_config": {"logging": {"wandb": {"project": "dyt-runs", "entity": None}}},
-        "model": {}, "evaluation": {}, "rows": rows, "averages": zero_shot.averages(rows, ["a"]),
+        "model": {}, "evaluation": {}, "rows": rows, "averages": averages(rows, ["a"]),
     }
 
 
 def test_wandb_logs_into_the_training_run(fake_wandb, tmp_path):
     (tmp_path / "wandb_id").write_text("run123\n")
-    zero_shot.log_wandb(small_report(tmp_path), "offline", None)
+    log_wandb(small_report(tmp_path), "offline", None)
     (run,) = fake_wandb
     assert run.init["id"] == "run123" and run.init["resume"] == "allow" and run.init["project"] == "dyt-runs"
     assert run.init["mode"] == "offline" and run.init["dir"] == str(tmp_path)
@@ -225,7 +229,7 @@ def test_wandb_starts_a_new_run_for_an_exported_model(fake_wandb, tmp_path, monk
     report = small_report(tmp_path)
     report["checkpoint"].update(kind="exported", run_dir=None, step=None)
     report["training_config"] = None
-    zero_shot.log_wandb(report, "auto", "my-evals")
+    log_wandb(report, "auto", "my-evals")
     (run,) = fake_wandb
     assert "id" not in run.init and run.init["job_type"] == "eval" and run.init["project"] == "my-evals"
     assert run.init["mode"] == "offline"  # auto without an API key
@@ -235,7 +239,7 @@ def test_wandb_starts_a_new_run_for_an_exported_model(fake_wandb, tmp_path, monk
 def test_wandb_offline_run_reuses_the_training_run_id(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb_id").write_text("evalrun42\n")
-    where = zero_shot.log_wandb(small_report(tmp_path), "offline", None)
+    where = log_wandb(small_report(tmp_path), "offline", None)
     assert Path(where).is_relative_to(tmp_path / "wandb")
     (offline,) = (tmp_path / "wandb").glob("offline-run-*-evalrun42")
     assert (offline / "run-evalrun42.wandb").stat().st_size > 0

@@ -17,6 +17,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from fms_dyt.checkpoint import complete_checkpoints
+from fms_dyt.eval.report import REPORT_ERRORS, primary_scores, read_report
 
 log = logging.getLogger("fms_dyt.analyze")
 
@@ -76,7 +77,7 @@ class Metrics:
 
 @dataclass
 class EvalResult:
-    """One results file of ``eval/zero_shot.py``."""
+    """What the analysis shows of one results file of ``eval/zero_shot.py`` (``fms_dyt.eval.report.Report``)."""
 
     path: Path
     step: Optional[int]
@@ -224,28 +225,24 @@ def read_evals(folder: Path) -> tuple[list[EvalResult], list[str]]:
     results, skipped = [], []
     for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            results.append(_eval_result(f, json.loads(f.read_text())))
-        except (ValueError, KeyError, TypeError) as e:
+            report = read_report(f)
+        except REPORT_ERRORS as e:
             skipped.append(f"{f.name}: {type(e).__name__}: {e}")
             log.warning("skipping %s: not a results file of eval/zero_shot.py (%s: %s)", f, type(e).__name__, e)
+            continue
+        avg = report["averages"]
+        results.append(EvalResult(
+            path=f,
+            step=report["checkpoint"]["step"],
+            limit=report["evaluation"]["limit"],
+            tasks=list(report["tasks"]),
+            primary=primary_scores(report),
+            primary_mean=float(avg["primary_mean"]["value"]),
+            primary_n=avg["primary_mean"]["n"],
+            openllama_mean=float(avg["openllama_mean"]["value"]),
+            openllama_n=avg["openllama_mean"]["n"],
+        ))
     return results, skipped
-
-
-def _eval_result(path: Path, report: dict) -> EvalResult:
-    avg = report["averages"]
-    primary_metrics = avg["primary_mean"]["metrics"]
-    values = {(r["task"], r["metric"]): float(r["value"]) for r in report["rows"]}
-    return EvalResult(
-        path=path,
-        step=report["checkpoint"].get("step"),
-        limit=report.get("evaluation", {}).get("limit"),
-        tasks=list(report["tasks"]),
-        primary={t: (m, values[(t, m)]) for t, m in primary_metrics.items()},
-        primary_mean=float(avg["primary_mean"]["value"]),
-        primary_n=int(avg["primary_mean"]["n"]),
-        openllama_mean=float(avg["openllama_mean"]["value"]),
-        openllama_n=int(avg["openllama_mean"]["n"]),
-    )
 
 
 def pick_eval(run: Run) -> Optional[EvalResult]:
