@@ -112,8 +112,8 @@ class Checkpointer:
             (tmp / "data_state.json").write_text(json.dumps(meta.pop("data_state")))
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             _write_synced(tmp / "meta.json", json.dumps(meta))  # written last: marks completeness
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # the same step saved again
+                self._expire([final])
             os.replace(tmp, final)
             if self.keep > 0:  # keep <= 0 keeps every checkpoint
                 self._expire(complete_checkpoints(self.root.parent)[: -self.keep])

@@ -57,6 +57,17 @@ def test_finish_returns_before_expired_checkpoints_are_deleted_and_keeps_k(tmp_p
     assert sorted(d.name for d in root.iterdir()) == ["step_2", "step_3"]
 
 
+def test_saving_a_step_again_replaces_it_off_the_collective_path(tmp_path, one_rank):
+    root = tmp_path / "run" / "checkpoints"
+    _complete(root, 3)
+    (root / "step_3" / "from_the_first_save").touch()
+    ckpt = Checkpointer(str(tmp_path / "run"), load_config(["checkpoint.keep=0"]), rank=0, world_size=1)
+    _finish_step(ckpt, root, 3)
+    ckpt.deleting.join(timeout=120)
+    assert sorted(d.name for d in root.iterdir()) == ["step_3"]
+    assert not (root / "step_3" / "from_the_first_save").exists()
+
+
 def test_leftover_expired_checkpoints_are_removed_at_the_next_start(tmp_path, one_rank):
     root = tmp_path / "run" / "checkpoints"
     _complete(root, 4)
