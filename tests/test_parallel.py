@@ -64,6 +64,22 @@ def test_layout_embedding_and_head_units_names_unchanged(fake_world_of_two):
     assert root == {id(model.embedding_scale)}  # the root unit holds only what no other unit does
 
 
+def test_compiled_blocks_fail_on_a_graph_break_instead_of_slowing_down(fake_world_of_two, monkeypatch):
+    cfg = load_config([*TINY, "parallel.compile=true", "parallel.activation_checkpointing=selective"])
+    model = _model(cfg)
+    ffn = type(model.layers[0].feed_forward)
+    plain_forward = ffn.forward
+
+    def forward_with_a_break(self, x):
+        torch._dynamo.graph_break()
+        return plain_forward(self, x)
+    monkeypatch.setattr(ffn, "forward", forward_with_a_break)
+    apply_parallelism(model, cfg.parallel, fake_world_of_two)
+    materialize(model, torch.device("cpu"), seed=0)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="graph_break"):
+        model(torch.zeros(MICRO, SEQ, dtype=torch.long))
+
+
 def test_materialize_fills_local_shards_without_collectives(fake_world_of_two):
     cfg = load_config(TINY)
     model = _model(cfg)
