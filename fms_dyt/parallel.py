@@ -2,9 +2,10 @@
 
 ``apply_parallelism`` takes the plain ``Transformer`` (ideally still on the meta device) and applies,
 per transformer block: activation checkpointing, ``torch.compile``, then FSDP2 ``fully_shard``; the
-embedding and (final norm, output head) are FSDP units of their own; the root comes last. Every sharding mode is FSDP2 on a 2-D (replicate, shard) mesh:
-full = (1, world), hybrid = (replicas, world / replicas), none = (world, 1). One code path runs
-with NCCL on GPUs and gloo on CPUs.
+embedding and (final norm, output head) are FSDP units of their own; the root comes last. Every
+sharding mode is FSDP2 on a 2-D (replicate, shard) mesh: full = (1, world), hybrid = (replicas,
+world / replicas), none = (world, 1). One code path runs with NCCL (plus gloo for CPU tensors) on
+GPUs and gloo on CPUs.
 """
 
 from __future__ import annotations
