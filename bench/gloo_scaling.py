@@ -1,13 +1,15 @@
 """Training throughput on 1 vs 2 processes (gloo, FSDP2 full sharding), the same global batch.
 
-Each process runs fms-dyt's own path: meta-device model, ``apply_parallelism`` (FSDP2
-``fully_shard`` per block and at the root), ``materialize`` from the seed, ``build_optimizer``.
+Each process runs fms-dyt's own path: meta-device model, ``apply_parallelism`` (FSDP2 units as
+the trainer lays them out), ``materialize`` from the seed, ``build_optimizer`` and the trainer's
+``train_step``.
 The cores are split between the processes, so on one machine this measures what sharding costs
 (all-gathers, reduce-scatters, the gloo transport), not a speed-up.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -27,13 +29,13 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
 
     from fms_dyt.config import load_config, model_args, norm_args
     from fms_dyt.model import Transformer
     from fms_dyt.optim import build_optimizer
     from fms_dyt.parallel import apply_parallelism, materialize
+    from fms_dyt.trainer import train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, spec["cores"] // world))
@@ -49,15 +51,12 @@ def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None
         g = torch.Generator().manual_seed(rank)
         per_rank = spec["global_batch"] // world
         tokens = torch.randint(0, model.args.vocab_size, (per_rank, spec["seq_len"] + 1), generator=g)
+        batches = itertools.repeat((tokens[:, :-1], tokens[:, 1:]))
         times = []
         for i in range(spec["warmup"] + spec["steps"]):
             dist.barrier()
             t0 = time.perf_counter()
-            loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, batches, 1, cfg.optim.grad_clip, torch.device("cpu"))
             dist.barrier()
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t0)

@@ -3,7 +3,8 @@ transformers' ``LlamaForCausalLM`` with the same config and weights, and DyT aga
 
 Both sides get the same token batch, the same fp32 cross-entropy on their logits, the same
 clipping, and AdamW with the same hyper-parameters: ours from ``fms_dyt.optim.build_optimizer``
-(what the trainer runs), theirs fused, as transformers' Trainer defaults to. Before timing, the
+(what the trainer runs), theirs fused, as transformers' Trainer defaults to. Our side runs the
+trainer's own ``fms_dyt.trainer.train_step`` (with its non-finite check). Before timing, the
 two networks must give the same loss, so they are the same network. "Compiled" is ours with each
 block compiled, as ``parallel.compile=true`` trains; for transformers, ``torch.compile(model)``;
 their best is the faster of eager and compiled. Models run without FSDP (one process).
@@ -16,6 +17,7 @@ transformers' best step: no step that does the same multiplies and attention can
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from fms_dyt.hf import llama_config, to_llama_state_dict
 from fms_dyt.model import Transformer
 from fms_dyt.ops import cross_entropy
 from fms_dyt.optim import build_optimizer
+from fms_dyt.trainer import train_step
 
 
 def hf_loss(logits, targets):
@@ -36,20 +39,26 @@ def hf_loss(logits, targets):
 
 
 def fms_loss(logits, targets):
-    """The loss fms_dyt.trainer computes (keep in step with trainer.py): the same mean cross-entropy
-    in fp32, by fms_dyt.ops.cross_entropy."""
+    """The loss fms_dyt.trainer.train_step computes: the same mean cross-entropy in fp32."""
     return cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def _step_fn(model: torch.nn.Module, forward, loss_fn, optimizer, inputs, targets, clip: float):
+def _hf_step_fn(model: torch.nn.Module, optimizer, inputs, targets, clip: float):
+    """transformers' side: a plain step with its loss."""
     def step():
-        loss = loss_fn(forward(inputs), targets)
+        loss = hf_loss(model(input_ids=inputs).logits, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
     return step
+
+
+def _fms_step_fn(model: torch.nn.Module, optimizer, inputs, targets, clip: float):
+    """Ours: the trainer's own step, one micro-batch."""
+    batches = itertools.repeat((inputs, targets))
+    return lambda: train_step(model, optimizer, batches, 1, clip, inputs.device).loss
 
 
 def _ours(overrides: list[str], norm: str, compiled: bool, backend: str, seed_model=None) -> Transformer:
@@ -59,7 +68,7 @@ def _ours(overrides: list[str], norm: str, compiled: bool, backend: str, seed_mo
         model.load_state_dict(seed_model.state_dict())
     if compiled:
         for block in model.layers:  # as fms_dyt.parallel.apply_parallelism does
-            block.compile(backend=backend)
+            block.forward = torch.compile(block.forward, backend=backend, fullgraph=True)
     return model
 
 
@@ -111,8 +120,8 @@ def measure(quick: bool = False) -> tuple[dict, dict]:
     models = {
         "fms_eager": (reference, reference),
         "fms_compiled": (m := _ours(overrides, "rmsnorm", True, backend, reference), m),
-        "hf_eager": (hf_eager, lambda x: hf_eager(input_ids=x).logits),
-        "hf_compiled": (hf_compiled, (lambda c: lambda x: c(input_ids=x).logits)(torch.compile(hf_compiled, backend=backend))),
+        "hf_eager": (hf_eager, hf_eager),
+        "hf_compiled": (hf_compiled, torch.compile(hf_compiled, backend=backend)),
         "dyt_eager": (d := _ours(overrides, "dyt", False, backend), d),
         "dyt_compiled": (dc := _ours(overrides, "dyt", True, backend, d), dc),
     }
@@ -127,10 +136,9 @@ def measure(quick: bool = False) -> tuple[dict, dict]:
         if name.startswith("hf"):
             optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
+            cases[name] = _hf_step_fn(forward, optimizer, inputs, targets, cfg.optim.grad_clip)
         else:
-            optimizer = build_optimizer(module, cfg.optim)
-        loss_fn = hf_loss if name.startswith("hf") else fms_loss
-        cases[name] = _step_fn(module, forward, loss_fn, optimizer, inputs, targets, cfg.optim.grad_clip)
+            cases[name] = _fms_step_fn(forward, build_optimizer(module, cfg.optim), inputs, targets, cfg.optim.grad_clip)
     times = interleaved(cases, repeats, warmup=2)
     ce = _loss_times(batch * seq, args.vocab_size, repeats)
     hf_best = min(("hf_eager", "hf_compiled"), key=lambda name: median(times[name]))

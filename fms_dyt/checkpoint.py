@@ -2,10 +2,12 @@
 
 Layout: ``<run_dir>/checkpoints/step_<N>/`` holds the DCP shards of the model and optimiser,
 ``meta.json`` (step, tokens seen, world size), ``config.yaml`` (the resolved config),
-``data_state.json`` (every rank's data-loader state) and ``rng/rank_<r>.pt``. A checkpoint is
-written into ``.tmp_step_<N>`` and renamed when complete, so a job killed mid-save leaves the
-previous checkpoint intact; leftovers are removed at the next start. DCP reshards on load, so a
-checkpoint resumes on any world size and loads in one process for evaluation and export.
+``data_state.json`` (every rank's data-loader state) and ``rng/rank_<r>.pt`` (CPU and CUDA random
+states). A checkpoint is written into ``.tmp_step_<N>`` and renamed when complete, so a job killed
+mid-save leaves the previous checkpoint intact. Checkpoints past ``checkpoint.keep`` are renamed
+``.expired_step_<N>_<id>`` and deleted in the background. Leftovers are removed at the next start.
+DCP reshards on load, so a checkpoint resumes on any world size and loads in one process for
+evaluation and export.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+import uuid
 import warnings
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 log = logging.getLogger("fms_dyt")
 STEP_DIR = re.compile(r"^step_(\d+)$")
+EXPIRED_PREFIX = ".expired_"  # checkpoints past checkpoint.keep, being deleted
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -58,6 +63,7 @@ class Checkpointer:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.keep = cfg.checkpoint.keep
         self.pending = None  # (future, tmp dir, final dir, meta) of an async save
+        self.deleting = None  # the thread deleting expired checkpoints (rank 0)
 
     def clean_partial(self) -> None:
         """Remove what a killed save left behind (rank 0, at start-up)."""
@@ -65,6 +71,7 @@ class Checkpointer:
             for d in self.root.glob(".tmp_step_*"):
                 log.warning("removing incomplete checkpoint %s (a save was interrupted)", d)
                 shutil.rmtree(d, ignore_errors=True)
+            self._delete_in_background(list(self.root.glob(f"{EXPIRED_PREFIX}*")))  # a job ended mid-deletion
             for d in self.root.glob("step_*"):
                 if not (d / "meta.json").is_file():
                     log.warning("removing incomplete checkpoint %s (no meta.json)", d)
@@ -80,7 +87,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(torch.get_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
         states = [None] * self.world
         dist.all_gather_object(states, data_state)
         meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world, "data_state": states}
@@ -105,13 +112,28 @@ class Checkpointer:
             (tmp / "data_state.json").write_text(json.dumps(meta.pop("data_state")))
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             _write_synced(tmp / "meta.json", json.dumps(meta))  # written last: marks completeness
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # the same step saved again
+                self._expire([final])
             os.replace(tmp, final)
             if self.keep > 0:  # keep <= 0 keeps every checkpoint
-                for old in complete_checkpoints(self.root.parent)[: -self.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+                self._expire(complete_checkpoints(self.root.parent)[: -self.keep])
         dist.barrier()
+
+    def _expire(self, old: list[Path]) -> None:
+        """Take checkpoints out of ``step_*`` at once (a rename) and delete them in the background:
+        hundreds of GB take minutes, while the other ranks wait in a barrier under a timeout."""
+        expired = []
+        for d in old:
+            target = self.root / f"{EXPIRED_PREFIX}{d.name}_{uuid.uuid4().hex[:8]}"
+            os.replace(d, target)
+            expired.append(target)
+        self._delete_in_background(expired)
+
+    def _delete_in_background(self, paths: list[Path]) -> None:
+        # Not a daemon: a run that ends normally finishes deleting before the process exits.
+        if paths:
+            self.deleting = threading.Thread(target=_delete_all, args=(paths,), name="fms-dyt-checkpoint-retention")
+            self.deleting.start()
 
     def load(self, path: Path, model, optimizer) -> dict:
         """Restore model, optimiser and RNG; returns meta with ``data_state`` (all ranks' states)."""
@@ -122,9 +144,30 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / "rng" / f"rank_{self.rank}.pt"
         if meta["world_size"] == self.world and rng.is_file():
-            torch.set_rng_state(torch.load(rng))
+            _set_rng_state(torch.load(rng))
         meta["data_state"] = json.loads((path / "data_state.json").read_text())
         return meta
+
+
+def _delete_all(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    """This rank's random number generators: the CPU's and, on a GPU, its device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before the CUDA state was saved
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _write_synced(path: Path, text: str) -> None:

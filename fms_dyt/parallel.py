@@ -1,10 +1,11 @@
 """Process groups, the device mesh, and the one function that parallelises a model.
 
 ``apply_parallelism`` takes the plain ``Transformer`` (ideally still on the meta device) and applies,
-per transformer block: activation checkpointing, ``torch.compile``, then FSDP2 ``fully_shard``; and
-``fully_shard`` at the root. Every sharding mode is FSDP2 on a 2-D (replicate, shard) mesh:
-full = (1, world), hybrid = (replicas, world / replicas), none = (world, 1). One code path runs
-with NCCL on GPUs and gloo on CPUs.
+per transformer block: activation checkpointing, ``torch.compile``, then FSDP2 ``fully_shard``; the
+embedding and (final norm, output head) are FSDP units of their own; the root comes last. Every
+sharding mode is FSDP2 on a 2-D (replicate, shard) mesh: full = (1, world), hybrid = (replicas,
+world / replicas), none = (world, 1). One code path runs with NCCL (plus gloo for CPU tensors) on
+GPUs and gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors plus gloo for CPU ones: ``dcp.async_save`` stages and synchronises on
+    the CPU, so NCCL alone fails at the first asynchronous checkpoint. CPU runs: gloo."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     """Join the process group torchrun set up, or make a one-process group for ``python train.py``."""
     if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
@@ -67,7 +74,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
         raise ConfigError(f"train.device={device!r}: use auto, cuda or cpu")
     if not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=process_group_backend(dev),
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
         )
@@ -119,12 +126,18 @@ def apply_parallelism(model: torch.nn.Module, cfg_parallel, mesh: DeviceMesh) ->
         reduce_dtype=_dtype(cfg_parallel.reduce_dtype),
     )
     ac = checkpointed_blocks(len(model.layers), cfg_parallel.activation_checkpointing, cfg_parallel.ac_fraction)
+    # FSDP units as torchtitan lays them out: the embedding, each block, then the final norm and the
+    # output head together, kept unsharded after forward because backward starts with them at once.
+    fully_shard(model.tok_embeddings, mesh=mesh, mp_policy=mp)
     for block, recompute in zip(model.layers, ac):
         if recompute:
             checkpoint_activations(block)
         if cfg_parallel.compile:
-            block.compile()
+            # A graph break is an error, not a silent slowdown. Only forward is compiled: the hooks
+            # of activation checkpointing and FSDP run around it (dynamo cannot trace the former).
+            block.forward = torch.compile(block.forward, fullgraph=True)
         fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard([model.norm, model.output], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -133,13 +146,13 @@ def apply_parallelism(model: torch.nn.Module, cfg_parallel, mesh: DeviceMesh) ->
 def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None:
     """Allocate a meta-device model on ``device`` and initialise it from the seed.
 
-    Each parameter's full initial value is computed from (seed, name) and each rank keeps its shard,
-    so weights do not depend on the world size or the sharding.
+    Each rank computes each parameter's full initial value from (seed, name) and keeps its own
+    shard, with no communication, so weights do not depend on the world size or the sharding.
     """
     model.to_empty(device=device)
     for name, p in model.named_parameters():
         full = model.initial_value(name, p, seed).to(device=device, dtype=p.dtype)
         if isinstance(p, DTensor):
-            full = distribute_tensor(full, p.device_mesh, p.placements)
+            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
         p.copy_(full)
     model.init_buffers(device)

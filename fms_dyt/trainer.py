@@ -12,11 +12,14 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, validate
@@ -68,6 +71,77 @@ class StopRequest:
         return bool(flag.item())
 
 
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over its micro-batches (not averaged over ranks)
+    grad_norm: torch.Tensor  # of the whole model, before clipping
+    updated: bool  # False: a non-finite loss or gradient, the optimizer did not step
+    data_wait_s: float  # time spent waiting for batches
+
+
+def _set_gradient_sync(model: torch.nn.Module, last: bool, defer_grad_sync: bool, hybrid: bool) -> None:
+    """What FSDP communicates after a micro-batch's backward.
+
+    By default every micro-batch reduce-scatters, so a rank only ever holds its shard of the
+    gradients; with a replicate dimension (hybrid, none) the all-reduce across replicas waits for
+    the last micro-batch, which costs no memory. ``defer_grad_sync`` keeps whole unsharded
+    gradients until the last micro-batch: less communication, only for models whose gradients fit.
+    """
+    if defer_grad_sync:
+        model.set_requires_gradient_sync(last)
+    elif hybrid:
+        model.set_requires_all_reduce(last)
+
+
+def train_step(model, optimizer, batches, accum: int, grad_clip: float, device, *, defer_grad_sync: bool = False,
+               hybrid: bool = False, check_finite: bool = True) -> StepResult:
+    """One optimizer step over ``accum`` micro-batches ``(inputs, targets)`` taken from ``batches``.
+
+    With ``check_finite`` a non-finite loss on any rank or a non-finite gradient norm skips the
+    update (the same decision on every rank); without it nothing waits for the device (no
+    ``.item()``) and the optimizer always steps. The caller sets the learning rate.
+    """
+    loss_sum = torch.zeros((), device=device)
+    data_wait = 0.0
+    for micro in range(accum):
+        t_data = time.perf_counter()
+        inputs, targets = next(batches)
+        data_wait += time.perf_counter() - t_data
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if isinstance(model, FSDPModule):
+            _set_gradient_sync(model, micro == accum - 1, defer_grad_sync, hybrid)
+        loss = cross_entropy(model(inputs).flatten(0, 1), targets.flatten()) / accum
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+    updated = not check_finite or _finite_everywhere(torch.stack([loss_sum, grad_norm.to(loss_sum.dtype)]))
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, grad_norm, updated, data_wait)
+
+
+def _finite_everywhere(values: torch.Tensor) -> bool:
+    """True when ``values`` are finite on every rank: a NaN on one rank makes the sum NaN on all."""
+    total = values.detach().double().sum()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return math.isfinite(total.item())
+
+
+def global_stats(loss: torch.Tensor, data_stats: dict, device) -> tuple[float, dict]:
+    """The loss averaged over ranks, and the data counters summed over ranks (``epoch``: the
+    slowest rank's), from one all-gather of a few numbers per rank."""
+    keys = list(data_stats)
+    mine = torch.tensor([loss.item(), *(float(data_stats[k]) for k in keys)], dtype=torch.float64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    table = torch.stack(everyone).cpu()
+    totals = {k: (table[:, i + 1].min() if k == "epoch" else table[:, i + 1].sum()).item() for i, k in enumerate(keys)}
+    return table[:, 0].mean().item(), {k: int(v) if isinstance(data_stats[k], int) else v for k, v in totals.items()}
+
+
 def train(cfg, data=None) -> int:
     """Train to ``train.max_steps``; ``data`` replaces the configured loader (same interface)."""
     validate(cfg)
@@ -105,7 +179,7 @@ def train(cfg, data=None) -> int:
 
         data = build_dataloader(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len,
                                 micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
-                                rank=d.rank, world_size=d.world_size)
+                                rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
 
     ckpt = Checkpointer(str(run_dir), cfg, d.rank, d.world_size)
     ckpt.clean_partial()
@@ -133,49 +207,34 @@ def train(cfg, data=None) -> int:
         lr = lr_at(step, total_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            t_data = time.perf_counter()
-            inputs, targets = next(batches)
-            data_wait += time.perf_counter() - t_data
-            inputs, targets = inputs.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
-            model.set_requires_gradient_sync(micro == accum - 1)
-            logits = model(inputs)
-            loss = cross_entropy(logits.flatten(0, 1), targets.flatten()) / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
-        loss_value = loss_sum.item() / d.world_size
-        if math.isfinite(loss_value) and math.isfinite(grad_norm.item()):
-            optimizer.step()
-            bad_steps = 0
-        else:  # skip the update; a few in a row mean the run has diverged
-            bad_steps += 1
+        result = train_step(model, optimizer, batches, accum, cfg.optim.grad_clip, d.device,
+                            defer_grad_sync=cfg.parallel.defer_grad_sync, hybrid=cfg.parallel.sharding != "full")
+        data_wait += result.data_wait_s
+        bad_steps = 0 if result.updated else bad_steps + 1
+        if bad_steps:  # update skipped; a few in a row mean the run has diverged
             if d.is_main:
-                log.warning("step %d: non-finite loss %s or grad norm %s; update skipped (%d in a row)",
-                            step, loss_value, grad_norm.item(), bad_steps)
+                log.warning("step %d: non-finite loss or gradient (grad norm %s); update skipped (%d in a row)",
+                            step, result.grad_norm.item(), bad_steps)
             if bad_steps >= cfg.train.max_bad_steps:
                 raise NonFiniteError(
                     f"{bad_steps} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
                     f"{cfg.train.max_bad_steps}); lower optim.lr or resume from an earlier checkpoint"
                 )
-        optimizer.zero_grad(set_to_none=True)
         tokens_seen += cfg.train.global_batch_tokens
         meter.add(cfg.train.global_batch_tokens)
 
         if step % cfg.logging.interval == 0 or step == total_steps:
-            values = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens_seen": tokens_seen,
+            loss, data_stats = global_stats(result.loss, data.stats(), d.device)
+            values = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm.item(), "tokens_seen": tokens_seen,
                       **meter.read(), "step_time_s": time.perf_counter() - t_step,
                       "data_wait_s": data_wait, "skipped_updates": bad_steps,
-                      **{f"data/{k}": v for k, v in data.stats().items()}, **norm_scalars(model)}
+                      **{f"data/{k}": v for k, v in data_stats.items()}, **norm_scalars(model)}
             data_wait = 0.0
             values["peak_memory_gib"] = peak_memory_gib(d.device)
             metrics.log(step, values)
             if d.is_main and (step % cfg.logging.console_interval == 0 or step == total_steps):
                 mfu = f"{values['mfu']:.1%}" if values["mfu"] is not None else "n/a"
-                print(f"step {step:>6}/{total_steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
+                print(f"step {step:>6}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                       f"grad {values['grad_norm']:.3f}  {values['tokens_per_s']:,.0f} tok/s  mfu {mfu}",
                       flush=True)
 

@@ -320,7 +320,7 @@ class PackedLoader:
     Build it with ``build_dataloader``."""
 
     def __init__(self, data, tokenizer, *, seq_len: int, micro_batch_size: int, seed: int, rank: int,
-                 world_size: int, trace: bool = False):
+                 world_size: int, trace: bool = False, pin_memory: bool = False):
         data, tokenizer = as_config(data, DataConfig), as_config(tokenizer, TokenizerConfig)
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"train.seq_len={seq_len} and train.micro_batch_size={micro_batch_size} must be >= 1")
@@ -338,6 +338,7 @@ class PackedLoader:
                 f"to at least {readers} (this starts a new data order), or use fewer workers"
             )
         self.data, self.world_size, self.rank, self.workers = data, world_size, rank, workers
+        self.pin_memory = pin_memory
         self.plan = Plan(source, k, seed, readers, workers, rank, dict(data.weights or {}), max(1, data.shuffle_buffer),
                          seq_len, micro_batch_size, tokenizer, trace)
         self.fingerprint = hashlib.sha256(
@@ -365,7 +366,10 @@ class PackedLoader:
                 self._next = (logical + 1) % self.workers
                 if self.plan.trace:
                     self.last_trace = (logical, events, spans)
-                yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+                inputs, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+                if self.pin_memory:  # page-locked: the trainer's non_blocking copy to the GPU is asynchronous
+                    inputs, targets = inputs.pin_memory(), targets.pin_memory()
+                yield inputs, targets
         finally:
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown:
@@ -425,8 +429,8 @@ class PackedLoader:
 
 
 def build_dataloader(data, tokenizer, *, seq_len: int, micro_batch_size: int, seed: int, rank: int,
-                     world_size: int) -> PackedLoader:
+                     world_size: int, pin_memory: bool = False) -> PackedLoader:
     """The data loader of one rank; ``data``/``tokenizer`` are DataConfig/TokenizerConfig (or
-    OmegaConf nodes of them)."""
+    OmegaConf nodes of them). ``pin_memory``: batches in page-locked memory (CUDA training)."""
     return PackedLoader(data, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
-                        rank=rank, world_size=world_size)
+                        rank=rank, world_size=world_size, pin_memory=pin_memory)

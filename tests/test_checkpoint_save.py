@@ -1,0 +1,90 @@
+"""Checkpoint retention never holds the ranks in a barrier: expired checkpoints leave the step_*
+namespace by a rename and are deleted in the background; RNG states round-trip."""
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fms_dyt import checkpoint
+from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
+from fms_dyt.config import load_config
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _complete(root, step):
+    d = root / f"step_{step}"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"step": step}))
+
+
+def _finish_step(ckpt, root, step):
+    tmp = root / f".tmp_step_{step}"
+    tmp.mkdir()
+    ckpt._finish(tmp, root / f"step_{step}", {"step": step, "data_state": [{}]})
+
+
+def test_finish_returns_before_expired_checkpoints_are_deleted_and_keeps_k(tmp_path, one_rank, monkeypatch):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        _complete(root, step)
+    release, real_rmtree = threading.Event(), shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):  # a deletion that takes as long as the test wants
+        assert release.wait(timeout=60), "the deletion was never released"
+        real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", slow_rmtree)
+
+    ckpt = Checkpointer(str(tmp_path / "run"), load_config(["checkpoint.keep=2"]), rank=0, world_size=1)
+    _finish_step(ckpt, root, 3)
+    assert not release.is_set()  # _finish returned while the deletion still waits
+    assert [d.name for d in complete_checkpoints(tmp_path / "run")] == ["step_2", "step_3"]
+    expired = [d.name for d in root.iterdir() if d.name.startswith(".expired_")]
+    assert len(expired) == 1 and expired[0].startswith(".expired_step_1_")
+    assert (root / expired[0] / "meta.json").is_file()  # still on disk, out of the step_* namespace
+
+    release.set()
+    ckpt.deleting.join(timeout=120)
+    assert sorted(d.name for d in root.iterdir()) == ["step_2", "step_3"]
+
+
+def test_saving_a_step_again_replaces_it_off_the_collective_path(tmp_path, one_rank):
+    root = tmp_path / "run" / "checkpoints"
+    _complete(root, 3)
+    (root / "step_3" / "from_the_first_save").touch()
+    ckpt = Checkpointer(str(tmp_path / "run"), load_config(["checkpoint.keep=0"]), rank=0, world_size=1)
+    _finish_step(ckpt, root, 3)
+    ckpt.deleting.join(timeout=120)
+    assert sorted(d.name for d in root.iterdir()) == ["step_3"]
+    assert not (root / "step_3" / "from_the_first_save").exists()
+
+
+def test_leftover_expired_checkpoints_are_removed_at_the_next_start(tmp_path, one_rank):
+    root = tmp_path / "run" / "checkpoints"
+    _complete(root, 4)
+    (root / ".expired_step_2_0123abcd" / "rng").mkdir(parents=True)  # a job ended mid-deletion
+    ckpt = Checkpointer(str(tmp_path / "run"), load_config([]), rank=0, world_size=1)
+    ckpt.clean_partial()
+    ckpt.deleting.join(timeout=120)
+    assert sorted(d.name for d in root.iterdir()) == ["step_4"]
+
+
+def test_rng_state_round_trips_and_old_checkpoints_still_load():
+    torch.manual_seed(3)
+    saved = checkpoint._rng_state()
+    expected = torch.rand(4)
+    if torch.cuda.is_initialized():
+        assert "cuda" in saved
+    checkpoint._set_rng_state(saved)
+    assert torch.equal(torch.rand(4), expected)
+    checkpoint._set_rng_state(saved["cpu"])  # written before checkpoints held a dict of states
+    assert torch.equal(torch.rand(4), expected)
