@@ -44,7 +44,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """No checkpoint can be loaded; the message names each directory and what is wrong with it."""
 
 

@@ -129,10 +129,11 @@ def test_a_truncated_newest_checkpoint_is_named_and_the_previous_one_resumes(tmp
     assert f"checkpoint {run_dir / 'checkpoints' / 'step_4'} cannot be loaded: shard __0_0.distcp is truncated" \
         in caplog.text, caplog.text
     assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} (step 2" in caplog.text
-    # set aside, not deleted; the run went on from step 2 with the same losses
+    # set aside, not deleted; the run went on from step 2 (step 3 has the same learning rate in both
+    # schedules, so the same loss; later steps differ as the cosine now ends at step 6)
     assert (run_dir / "checkpoints" / "step_4.unloadable" / "__0_0.distcp").is_file()
     again = losses(run_dir)
-    assert sorted(again) == list(range(1, 7)) and again[3] == first[3] and again[4] == first[4]
+    assert sorted(again) == list(range(1, 7)) and again[3] == first[3]
 
 
 def test_no_loadable_checkpoint_is_an_error_naming_each(tmp_path):
