@@ -177,3 +177,33 @@ def test_a_step_dir_without_meta_json_is_set_aside_not_deleted(tmp_path, caplog)
         assert _train(run_dir, "train.max_steps=3") == 0
     assert (run_dir / "checkpoints" / "step_8.incomplete" / "notes.txt").read_text() == "mine"
     assert "step_8 has no meta.json" in caplog.text and "resumed from" in caplog.text
+
+
+def _rank(rank, world, port, run_dir, max_steps, codes):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = load_config([*TINY, "train.global_batch_tokens=256", "checkpoint.interval=2",
+                       "parallel.timeout_s=60", f"train.max_steps={max_steps}", f"run_dir={run_dir}"])
+    codes[rank] = train(cfg, data=Batches())
+
+
+def _spawn(world, run_dir, max_steps):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    codes = mp.Manager().dict()
+    mp.start_processes(_rank, args=(world, port, str(run_dir), max_steps, codes), nprocs=world, start_method="spawn")
+    return dict(codes)
+
+
+def test_when_one_rank_cannot_load_every_rank_takes_the_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    assert _spawn(2, run_dir, 4) == {0: 0, 1: 0}
+    (run_dir / "checkpoints" / "step_4" / "rng" / "rank_1.pt").write_bytes(b"not a tensor")  # only rank 1 reads it
+    assert _spawn(2, run_dir, 6) == {0: 0, 1: 0}  # nobody hangs, both go on
+    assert (run_dir / "checkpoints" / "step_4.unloadable" / "rng" / "rank_1.pt").read_bytes() == b"not a tensor"
+    assert (run_dir / "checkpoints" / "step_6" / "meta.json").is_file()
+    assert sorted(losses(run_dir)) == list(range(1, 7))
