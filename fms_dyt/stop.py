@@ -11,8 +11,8 @@ signal over like SIGTERM and calls submitit's handler itself on rank 0, once eve
 saved: submitit then records the job's timeout count, rewrites its job file and runs
 ``scontrol requeue``, as it would for any checkpointable job.
 
-DataLoader workers ignore all of these (``ignore_in_worker``): the main process decides when to
-stop, and a worker that died would take the step down with it.
+DataLoader workers do not act on these signals (``ignore_in_worker``): the main process decides
+when to stop, and a worker that died would take the step down with it.
 """
 
 from __future__ import annotations
@@ -38,30 +38,31 @@ def submitit_signal() -> signal.Signals | None:
     return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
 
 
-def stop_signals() -> list[signal.Signals]:
-    return [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT]
+PASSED_ON = {signal.SIGTERM, signal.SIGUSR1}
 
 
 def ignore_in_worker(parent: int, worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` (as ``partial(ignore_in_worker, os.getpid())``): the job's stop
-    signals are for the training process ``parent`` only.
+    signals are for the training process ``parent``, which finishes its step before it stops.
 
-    SIGTERM still ends a worker when its parent sends it (how torch and multiprocessing stop
-    workers at exit); from anyone else (Slurm, ``kill -- -PGID``) it is ignored. Python handlers
-    do not see the sender, so SIGTERM is blocked and a thread reads it with ``sigwaitinfo``.
+    SIGTERM and SIGUSR1 sent to a worker are passed on to ``parent`` (a worker signalled alone
+    still stops the run), except SIGTERM from ``parent`` itself, which ends the worker as torch and
+    multiprocessing expect at exit. Python handlers do not see the sender, so both signals are
+    blocked and a thread reads them with ``sigwaitinfo``. Ctrl-C (SIGINT) reaches the whole
+    terminal's process group, the training process included, so workers ignore it, and SIGUSR2.
     """
-    for s in stop_signals():
-        if s != signal.SIGTERM:
-            signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
-    threading.Thread(target=_exit_on_sigterm_from, args=(parent,), daemon=True,
-                     name="fms-dyt-worker-sigterm").start()
+    for s in (signal.SIGINT, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_ON)  # threads started later inherit the mask
+    threading.Thread(target=_pass_on, args=(parent,), daemon=True, name="fms-dyt-worker-signals").start()
 
 
-def _exit_on_sigterm_from(parent: int) -> None:
+def _pass_on(parent: int) -> None:
     while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+        info = signal.sigwaitinfo(PASSED_ON)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
             os._exit(0)
+        os.kill(parent, info.si_signo)
 
 
 def _say(text: str) -> None:
@@ -95,8 +96,10 @@ class StopRequest:
             if self.interrupted:
                 raise KeyboardInterrupt  # the second Ctrl-C
             self.interrupted = True
+        if self.reasons[signum] <= self.reason:
+            return  # the same news again, e.g. passed on by a DataLoader worker
         self.signum = signal.Signals(signum).name
-        self.reason = max(self.reason, self.reasons[signum])
+        self.reason = self.reasons[signum]
         if signum == signal.SIGINT:
             _say("Ctrl-C: finishing this step and saving a checkpoint; press Ctrl-C again to stop at once")
         else:

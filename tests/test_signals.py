@@ -93,6 +93,19 @@ def test_ctrl_c_saves_exits_130_and_resumes_exactly(tmp_path, reference):
     assert resumed == reference
 
 
+def test_sigterm_to_one_dataloader_worker_alone_stops_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "logging.wandb.mode=disabled")
+    wait_for_step(proc, run_dir, 2)
+    worker = psutil.Process(proc.pid).children()[0]
+    worker.send_signal(signal.SIGTERM)  # the worker passes it on to the training process
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, out
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < STEPS and (run_dir / "checkpoints" / f"step_{stopped_at}" / "meta.json").is_file(), out
+    assert out.count("got SIGTERM") == 1, out
+
+
 def test_second_ctrl_c_stops_at_once():
     before = signal.getsignal(signal.SIGINT)
     request = stop_module.StopRequest()
