@@ -4,9 +4,13 @@ Layout: ``<run_dir>/checkpoints/step_<N>/`` holds the DCP shards of the model an
 ``meta.json`` (step, tokens seen, world size), ``config.yaml`` (the resolved config),
 ``data_state.json`` (every rank's data-loader state) and ``rng/rank_<r>.pt`` (CPU and CUDA random
 states). A checkpoint is written into ``.tmp_step_<N>`` and renamed when complete, so a job killed
-mid-save leaves the previous checkpoint intact. Checkpoints past ``checkpoint.keep`` are renamed
-``.expired_step_<N>_<id>`` and deleted in the background. Leftovers are removed at the next start.
-DCP reshards on load, so a checkpoint resumes on any world size and loads in one process for
+mid-save leaves the previous checkpoint intact; such leftovers are removed at the next start.
+Checkpoints past ``checkpoint.keep`` are renamed ``.expired_step_<N>_<id>`` and deleted in the
+background, off the collective path. A ``step_<N>`` directory that is incomplete (no ``meta.json``)
+or fails to load (a truncated shard, a bad ``meta.json``, no ``data_state.json``) is never deleted:
+it is renamed aside (``step_<N>.incomplete``, ``step_<N>.unloadable``) with a warning, and the run
+resumes from the newest one that loads. DCP
+reshards on load, so a checkpoint resumes on any world size and loads in one process for
 evaluation and export.
 """
 
@@ -26,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger("fms_dyt")
@@ -44,17 +49,77 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+class CheckpointError(ValueError):
+    """No checkpoint can be loaded; the message names each directory and what is wrong with it."""
+
+
+def checkpoint_problem(path: Path, need_data_state: bool = True) -> str | None:
+    """What makes the checkpoint in ``path`` unloadable, read from its files alone (None: nothing)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        return "meta.json is missing (the save did not finish)"
+    except (OSError, ValueError) as e:
+        return "meta.json is empty" if not (path / "meta.json").stat().st_size else f"meta.json is not valid JSON ({e})"
+    missing = [k for k in ("step", "tokens_seen", "world_size") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        return f"meta.json lacks {', '.join(missing)}"
+    if need_data_state:
+        try:
+            json.loads((path / "data_state.json").read_text())
+        except FileNotFoundError:
+            return "data_state.json is missing"
+        except (OSError, ValueError) as e:
+            return f"data_state.json is not valid JSON ({e})"
+    try:
+        index = FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        return ".metadata (DCP's index of the shards) is missing"
+    except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        return f".metadata (DCP's index of the shards) cannot be read ({type(e).__name__}: {e})"
+    needed: dict[str, int] = {}
+    for item in (index.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size < size:
+            return f"shard {name} is truncated ({shard.stat().st_size:,} bytes; the index needs {size:,})"
+    return None
+
+
+def set_aside(path: Path, label: str) -> Path:
+    """Rename ``step_<N>`` to ``step_<N>.<label>`` (never deleted: it may be someone's only copy)."""
+    target, n = path.with_name(f"{path.name}.{label}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.{label}.{n}"), n + 1
+    os.replace(path, target)
+    return target
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory (its newest) or a step directory."""
+    """A checkpoint directory from a run directory (its newest that loads) or a step directory."""
     path = Path(path)
     if (path / "meta.json").is_file():
+        problem = checkpoint_problem(path, need_data_state=False)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
         return path
     found = complete_checkpoints(path)
     if not found:
         raise FileNotFoundError(
             f"{path} holds no complete checkpoint (expected {path}/checkpoints/step_<N>/meta.json)"
         )
-    return found[-1]
+    problems = []
+    for ckpt in reversed(found):
+        problem = checkpoint_problem(ckpt, need_data_state=False)
+        if problem is None:
+            for bad, why in problems:
+                log.warning("skipping checkpoint %s: %s", bad, why)
+            return ckpt
+        problems.append((ckpt, problem))
+    raise CheckpointError(f"no checkpoint of {path} can be loaded:\n" + "\n".join(f"  {p}: {w}" for p, w in problems))
 
 
 class Checkpointer:
@@ -66,17 +131,63 @@ class Checkpointer:
         self.deleting = None  # the thread deleting expired checkpoints (rank 0)
 
     def clean_partial(self) -> None:
-        """Remove what a killed save left behind (rank 0, at start-up)."""
+        """Tidy up after a killed save (rank 0, at start-up): a temporary directory is removed, or
+        moved into place when only its rename was missed; ``step_<N>`` without ``meta.json`` is set aside."""
         if self.rank == 0 and self.root.is_dir():
-            for d in self.root.glob(".tmp_step_*"):
-                log.warning("removing incomplete checkpoint %s (a save was interrupted)", d)
-                shutil.rmtree(d, ignore_errors=True)
-            self._delete_in_background(list(self.root.glob(f"{EXPIRED_PREFIX}*")))  # a job ended mid-deletion
-            for d in self.root.glob("step_*"):
-                if not (d / "meta.json").is_file():
-                    log.warning("removing incomplete checkpoint %s (no meta.json)", d)
+            for d in sorted(self.root.glob(".tmp_step_*")):
+                final = self.root / d.name.removeprefix(".tmp_")
+                if (d / "meta.json").is_file() and not final.exists():
+                    log.warning("completing checkpoint %s (its save was interrupted just before the rename)", final)
+                    os.replace(d, final)
+                else:
+                    log.warning("removing incomplete checkpoint %s (a save was interrupted)", d)
                     shutil.rmtree(d, ignore_errors=True)
+            self._delete_in_background(list(self.root.glob(f"{EXPIRED_PREFIX}*")))  # a job ended mid-deletion
+            for d in sorted(self.root.iterdir()):
+                if STEP_DIR.match(d.name) and not (d / "meta.json").is_file():
+                    log.warning("checkpoint %s has no meta.json (its save did not finish): renamed to %s",
+                                d, set_aside(d, "incomplete").name)
         dist.barrier()
+
+    def load_newest(self, model, optimizer) -> tuple[Path, dict, list] | None:
+        """Restore the newest checkpoint that loads on every rank: ``(path, meta, skipped)`` with
+        ``skipped`` the newer ``(path, problem)`` pairs set aside on the way; None when there is
+        none. Ranks decide together, so all of them load the same one."""
+        found = complete_checkpoints(self.root.parent)
+        if not found:
+            return None
+        skipped = []
+        for path in reversed(found):
+            problem = self._agree(checkpoint_problem(path))
+            if problem is None:
+                try:
+                    meta = self.load(path, model, optimizer)
+                except Exception as e:  # DCP raises on every rank when one rank's read fails
+                    problem = f"loading failed: {type(e).__name__}: {(str(e).strip() or '?').splitlines()[0]}"
+                problem = self._agree(problem)
+            if problem is None:
+                if self.rank == 0:
+                    for bad, why in skipped:
+                        log.warning("checkpoint %s cannot be loaded (%s): renamed to %s", bad, why,
+                                    set_aside(bad, "unloadable").name)
+                dist.barrier()
+                return path, meta, skipped
+            if self.rank == 0:
+                log.warning("checkpoint %s cannot be loaded: %s; trying the one before", path, problem)
+            skipped.append((path, problem))
+        raise CheckpointError(
+            f"no checkpoint in {self.root} can be loaded:\n" + "\n".join(f"  {p}: {w}" for p, w in skipped)
+            + "\nRepair or move them away to start this run afresh, or train in a new run_dir."
+        )
+
+    def _agree(self, problem: str | None) -> str | None:
+        """The first rank's problem, on every rank (None when no rank has one)."""
+        problems = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        for rank, p in enumerate(problems):
+            if p is not None:
+                return p if self.world == 1 else f"{p} (rank {rank})"
+        return None
 
     def save(self, step: int, tokens_seen: int, model, optimizer, data_state: dict, blocking=False) -> Path:
         self.wait()

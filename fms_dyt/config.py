@@ -7,9 +7,11 @@ catches combinations no type can express, before anything is allocated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -51,6 +53,9 @@ class TrainConfig:
     seq_len: int = 4096
     max_bad_steps: int = 5  # abort after this many non-finite losses/gradients in a row
     device: str = "auto"  # auto: cuda when available, else cpu
+    # auto: resume from the run directory's newest checkpoint when its configuration matches (the
+    # keys of fms_dyt.resume.SAME_RUN_KEYS); force: resume even when those keys changed
+    resume: str = "auto"
 
 
 @dataclass
@@ -148,8 +153,91 @@ def norm_args(cfg: DictConfig) -> NormArgs:
     )
 
 
+def unknown_keys(node: DictConfig, schema: type = None, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that ``schema`` (default: ``Config``) does not declare, e.g. added with
+    ``+train.max_stpes=5``, each with the closest declared key when there is one."""
+    schema = schema or Config
+    hints = get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    out = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            out.append(path + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        elif is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            out += unknown_keys(node[key], hints[key], f"{path}.")
+    return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _number(v) and v > 0
+
+
+def _non_negative(v) -> bool:
+    return _number(v) and v >= 0
+
+
+def _at_least_1(v) -> bool:
+    return _number(v) and v >= 1
+
+
+def _fraction(v) -> bool:
+    return _number(v) and 0 <= v <= 1
+
+
+def _beta(v) -> bool:
+    return _number(v) and 0 <= v < 1
+
+
+def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, acceptable, what it must be) for every number of the training loop; null is
+    accepted where the schema allows it (a default is derived)."""
+    t, o, p, c, lg, m = cfg.train, cfg.optim, cfg.parallel, cfg.checkpoint, cfg.logging, cfg.model
+    checks = [  # (key, value, test, rule, null allowed)
+        ("seed", cfg.seed, _non_negative, ">= 0", False),
+        ("train.max_steps", t.max_steps, _at_least_1, ">= 1 (or null with train.tokens)", True),
+        ("train.tokens", t.tokens, _positive, "> 0 (or null with train.max_steps)", True),
+        ("optim.lr", o.lr, _positive, "a finite number > 0", False),
+        ("optim.eps", o.eps, _positive, "> 0", False),
+        ("optim.weight_decay", o.weight_decay, _non_negative, ">= 0", False),
+        ("optim.grad_clip", o.grad_clip, _positive, "> 0 (the largest gradient norm)", False),
+        ("optim.warmup_steps", o.warmup_steps, _non_negative, ">= 0 (or null: min(2000, steps / 20))", True),
+        ("optim.min_lr_ratio", o.min_lr_ratio, _fraction, "within [0, 1]", False),
+        ("parallel.timeout_s", p.timeout_s, _positive, "> 0 seconds", False),
+        ("parallel.replicas", p.replicas, _at_least_1, ">= 1 (or null: one per node)", True),
+        ("parallel.peak_tflops", p.peak_tflops, _positive, "> 0 (or null)", True),
+        ("parallel.ac_fraction", p.ac_fraction, _fraction, "within [0, 1]", False),
+        ("checkpoint.keep", c.keep, _non_negative, ">= 0 (0 keeps every checkpoint)", False),
+        ("model.norm_eps", m.norm_eps, _positive, "> 0", False),
+        ("model.rope_theta", m.rope_theta, _positive, "> 0", False),
+        ("model.init_std", m.init_std, _positive, "> 0", False),
+    ]
+    for key, value in (("train.global_batch_tokens", t.global_batch_tokens), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.seq_len", t.seq_len), ("train.max_bad_steps", t.max_bad_steps),
+                       ("checkpoint.interval", c.interval), ("logging.interval", lg.interval),
+                       ("logging.console_interval", lg.console_interval)):
+        checks.append((key, value, _at_least_1, ">= 1", False))
+    rules = [(key, value, (value is None and nullable) or test(value), rule)
+             for key, value, test, rule, nullable in checks]
+    betas = list(o.betas)
+    rules.append(("optim.betas", betas, len(betas) == 2 and all(map(_beta, betas)),
+                  "two numbers in [0, 1), e.g. [0.9, 0.95]"))
+    return rules
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the key for combinations that cannot work."""
+    """Raise ConfigError naming the key for values and combinations that cannot work."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}: fms-dyt has no such setting (see fms_dyt/config.py)")
+    for key, value, ok, rule in _value_rules(cfg):
+        if not ok:
+            raise ConfigError(f"{key}={value!r} must be {rule}")
     m = cfg.model
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
@@ -178,6 +266,10 @@ def validate(cfg: DictConfig) -> None:
         "parallel.sharding": (p.sharding, ("full", "hybrid", "none")),
         "parallel.activation_checkpointing": (p.activation_checkpointing, ("off", "full", "selective")),
         "logging.wandb.mode": (cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled")),
+        "parallel.param_dtype": (p.param_dtype, ("bfloat16", "float16", "float32")),
+        "parallel.reduce_dtype": (p.reduce_dtype, ("bfloat16", "float16", "float32")),
+        "train.device": (t.device, ("auto", "cuda", "cpu")),
+        "train.resume": (t.resume, ("auto", "force")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -186,8 +278,6 @@ def validate(cfg: DictConfig) -> None:
         validate_data(OmegaConf.to_object(cfg.data))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not 0 <= p.ac_fraction <= 1:
-        raise ConfigError(f"parallel.ac_fraction={p.ac_fraction} must be within [0, 1]")
 
 
 def load_config(overrides: list[str] = (), config_name: str = "train") -> DictConfig:

@@ -78,6 +78,7 @@ class MetricsLogger:
             except Exception as e:  # a W&B hiccup must not cost a training run
                 log.warning("W&B logging failed (%s); continuing without W&B", e)
                 self.wandb = None
+                _close_broken_wandb()
 
     def finish(self) -> str | None:
         """Close the W&B run; returns where it was written."""
@@ -88,7 +89,19 @@ class MetricsLogger:
             self.wandb.finish()
         except Exception as e:
             log.warning("W&B finish failed: %s", e)
+            _close_broken_wandb()
         return where
+
+
+def _close_broken_wandb() -> None:
+    """Close W&B's connection now (its service process died, e.g. signalled with the job), so that
+    its exit hook does not print a traceback when the run ends."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:
+        pass
 
 
 def _step_of(line: str) -> int | None:

@@ -2,14 +2,14 @@
 
 Exit codes: 0 when ``train.max_steps`` is reached; 75 (EX_TEMPFAIL) after SIGTERM or SIGUSR1,
 once the current step is done and a checkpoint is saved (run the same command again to resume);
-1 on errors.
+130 after Ctrl-C, likewise (a second Ctrl-C stops at once); 2 for a configuration that cannot
+work or that would change the run already in ``run_dir``; 1 on other errors. See fms_dyt/stop.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,15 +21,16 @@ from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
+from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, validate
 from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.ops import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import apply_parallelism, build_mesh, init_distributed, materialize
+from fms_dyt.resume import check_same_run
+from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 
-EXIT_PREEMPTED = 75
 log = logging.getLogger("fms_dyt")
 
 
@@ -51,24 +52,6 @@ def schedule(cfg, world_size: int) -> tuple[int, int]:
         raise ConfigError("set train.max_steps or train.tokens (total training tokens)")
     steps = t.max_steps if t.max_steps is not None else math.ceil(t.tokens / t.global_batch_tokens)
     return steps, t.global_batch_tokens // per_micro
-
-
-class StopRequest:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints and exits after the current step."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def agreed(self, device) -> bool:
-        """True on every rank once any rank was signalled (ranks may see the signal at different steps)."""
-        flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 @dataclass
@@ -145,13 +128,17 @@ def global_stats(loss: torch.Tensor, data_stats: dict, device) -> tuple[float, d
 def train(cfg, data=None) -> int:
     """Train to ``train.max_steps``; ``data`` replaces the configured loader (same interface)."""
     validate(cfg)
+    stop = StopRequest()  # from here on a signal ends the run after a step and a checkpoint
+    try:
+        return _train(cfg, data, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg, data, stop: StopRequest) -> int:
     d = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     total_steps, accum = schedule(cfg, d.world_size)
     run_dir = Path(cfg.run_dir)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(cfg.seed)
     if data is None:
         from fms_dyt.data.tokenizer import TextEncoder
 
@@ -159,6 +146,12 @@ def train(cfg, data=None) -> int:
         if vocab > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer (tokenizer.path={cfg.tokenizer.path}) has {vocab} tokens but "
                               f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size to at least {vocab}")
+    check_same_run(cfg, run_dir)  # before anything is written: a refused run changes no file
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("run directory: %s", run_dir.resolve())
+    torch.manual_seed(cfg.seed)
 
     args, norm = model_args(cfg), norm_args(cfg)
     with torch.device("meta"):
@@ -184,18 +177,20 @@ def train(cfg, data=None) -> int:
     ckpt = Checkpointer(str(run_dir), cfg, d.rank, d.world_size)
     ckpt.clean_partial()
     step, tokens_seen = 0, 0
-    existing = complete_checkpoints(run_dir)
-    if existing:
-        meta = ckpt.load(existing[-1], model, optimizer)
+    resumed = ckpt.load_newest(model, optimizer)
+    if resumed:
+        path, meta, skipped = resumed
         step, tokens_seen = meta["step"], meta["tokens_seen"]
         data.load_state_dict(meta["data_state"])
         if d.is_main:
-            log.info("resumed from %s (step %d, %s tokens, saved on %d ranks)",
-                     existing[-1], step, f"{tokens_seen:,}", meta["world_size"])
+            log.info("resumed from %s (step %d, %s tokens, saved on %d ranks)%s", path, step, f"{tokens_seen:,}",
+                     meta["world_size"], f"; skipped {len(skipped)} newer checkpoint(s) that cannot be loaded"
+                     if skipped else "")
+    elif d.is_main:
+        log.info("starting fresh at step 1: no checkpoint in %s", run_dir / "checkpoints")
 
     metrics = MetricsLogger(str(run_dir), cfg, enabled=d.is_main, resumed_step=step)
     meter = Throughput(flops_per_token(args, cfg.train.seq_len), peak_flops(d.device, cfg.parallel.peak_tflops), d.world_size)
-    stop = StopRequest()
     batches = iter(data)
     bad_steps, data_wait = 0, 0.0
     if d.device.type == "cuda":
@@ -240,17 +235,18 @@ def train(cfg, data=None) -> int:
 
         stopping = stop.agreed(d.device)
         if step % cfg.checkpoint.interval == 0 or step == total_steps or stopping:
-            where = ckpt.save(step, tokens_seen, model, optimizer, data.state_dict(), blocking=stopping)
+            where = ckpt.save(step, tokens_seen, model, optimizer, data.state_dict(), blocking=bool(stopping))
             if d.is_main:
                 log.info("checkpoint saved: %s", where)
         if stopping:
             ckpt.wait()
-            if d.is_main:
-                log.info("stopped by signal %s after step %d; exit %d: run the same command to resume",
-                         stop.signum, step, EXIT_PREEMPTED)
             metrics.finish()
+            code = stop.after_checkpoint(stopping, d.rank)
+            if d.is_main:
+                log.info("stopped by %s after step %d; exit %d: run the same command to resume",
+                         stop.signum or "a signal to another rank", step, code)
             dist.destroy_process_group()
-            return EXIT_PREEMPTED
+            return code
 
     ckpt.wait()
     wandb_dir = metrics.finish()
@@ -275,5 +271,12 @@ def main(cfg) -> None:
     except ConfigError as e:
         print(f"fms-dyt: configuration error: {e}", file=sys.stderr)
         code = 2
+    except CheckpointError as e:
+        print(f"fms-dyt: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print(f"\nfms-dyt: stopped at once by a second Ctrl-C; the newest checkpoint in {cfg.run_dir}/checkpoints "
+              "is where the same command resumes", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     if code:  # returning on success lets Hydra multirun launchers (submitit) record the job's result
         sys.exit(code)

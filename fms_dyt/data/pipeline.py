@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator, Optional
 
 import numpy as np
@@ -26,6 +28,7 @@ from fms_dyt.data.sources import ShardError, Source, make_source
 from fms_dyt.data.state import (END, VERSION, Layout, copies, decode_table, doc_key, encode_table,
                                 fresh_reader_state, pieces_per_file, redistribute, slot)
 from fms_dyt.data.tokenizer import TextEncoder
+from fms_dyt.stop import ignore_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -358,8 +361,10 @@ class PackedLoader:
         if self.data.num_workers == 0:
             batches = iter(dataset)
         else:
+            # Workers ignore the job's stop signals: the training process finishes its step first.
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_as_is,
-                                      prefetch_factor=self.data.prefetch))
+                                      prefetch_factor=self.data.prefetch, 
+                                      worker_init_fn=partial(ignore_in_worker, os.getpid())))
         try:
             for logical, windows, state, events, spans in batches:
                 self._readers[logical] = state
