@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from fms_dyt.config import ConfigError, load_config, model_args, norm_args
 from fms_dyt.metrics import PEAK_FLOPS, flops_per_token
 from fms_dyt.model import ModelArgs, Transformer, count_parameters
-from fms_dyt.ops import cross_entropy
+from fms_dyt.loss import cross_entropy
 
 GIB = 2**30
 
@@ -84,7 +84,7 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     and its log-sum-exp (fp32, one per head), and SwiGLU's four [ffn_dim] tensors. A
     checkpointed block keeps its input only and is recomputed during backward. Around the blocks:
     the embedding output (kept for the embedding scalar's gradient), the final norm, its output,
-    the logits and one fp32 log-sum-exp per token (``fms_dyt.ops.cross_entropy``, the trainer's loss).
+    the logits and one fp32 log-sum-exp per token (``fms_dyt.loss.cross_entropy``, the trainer's loss).
     """
     p, d, f, L = compute_bytes, args.dim, args.ffn_dim, args.n_layers
     kv_width = args.kv_heads * args.head_dim

@@ -22,7 +22,7 @@ from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, validate
 from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
-from fms_dyt.ops import cross_entropy
+from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import apply_parallelism, build_mesh, init_distributed, materialize
 
