@@ -30,7 +30,7 @@ _MODEL_CODE = ("hf.py", "model.py", "norms.py", "ops.py")
 
 def load_source(source: str, overrides: list[str]):
     """(Transformer, tokenizer or None) from a checkpoint, a Hugging Face directory or ``init``."""
-    from fms_dyt.checkpoint import load_for_inference
+    from fms_dyt.inference import load_for_inference
     from fms_dyt.model import Transformer
 
     if source == "init":

@@ -80,7 +80,7 @@ def test_all_15_formats_are_scored_through_lm_eval(full_report, run_dir):
 
 def test_scores_are_the_models_own_loglikelihoods_with_bos(full_report, run_dir):
     """truthfulqa_mc2 recomputed by hand from the model: BOS + prompt + answer, as in training."""
-    from fms_dyt.checkpoint import load_for_inference
+    from fms_dyt.inference import load_for_inference
     from fms_dyt.data import load_tokenizer
     from lm_eval.tasks import TaskManager
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from fms_dyt.checkpoint import load_for_inference
+from fms_dyt.inference import load_for_inference
 from fms_dyt.export import main as export_main
 
 TOKENS = torch.randint(0, 32000, (2, 21), generator=torch.Generator().manual_seed(0))

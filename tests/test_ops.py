@@ -250,16 +250,13 @@ def _fsdp_model():
 
 
 def test_fsdp2_bf16_mixed_precision_two_ranks(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
     from torch.func import functional_call
 
     x = torch.randn(8, 5, 16) * 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(2, port, x, str(tmp_path / "out.pt")), nprocs=2, join=True)
+    from fms_dyt.parallel import free_port
+
+    mp.spawn(_fsdp_worker, args=(2, free_port(), x, str(tmp_path / "out.pt")), nprocs=2, join=True)
     got = torch.load(tmp_path / "out.pt")
     leaves = [t.clone().requires_grad_() for t in _dtensor_inputs(x)]
     y = dyt(*leaves)
