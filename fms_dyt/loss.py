@@ -1,19 +1,21 @@
-"""The trainer's loss: mean cross-entropy in fp32 that keeps one log-sum-exp per token.
+"""The trainer's loss: mean cross-entropy in fp32 that keeps nothing of its own for backward.
 
 ``F.cross_entropy(logits.float(), targets)`` writes an fp32 copy of the logits and their
 log-softmax ([tokens, vocab] each) and keeps the log-softmax for backward. This autograd function
-keeps only the logits (the caller holds them anyway) and one fp32 log-sum-exp per row, and works
-through the rows in chunks, so the fp32 transients are bounded by the chunk, not by the batch.
-Plain PyTorch, the same on every device.
+keeps only the logits (the caller holds them anyway) and the targets. The forward works through
+the rows in chunks, so its fp32 transients are a sixteenth of the logits at most; the backward
+writes the softmax (computed in fp32) straight into the gradient. Plain PyTorch, every device.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-# fp32 elements of the transient per chunk: cache-sized on CPU, a few hundred MiB elsewhere.
-_CHUNK_ELEMENTS = {"cpu": 1 << 18}
-_DEFAULT_CHUNK_ELEMENTS = 1 << 26
+# The forward's chunks: a sixteenth of the logits, at least this many elements (4 MiB of fp32),
+# so a chunk's transient is small beside the logits and there are never more than 16 calls.
+_CHUNK_ELEMENTS = 1 << 20
+_MAX_CHUNKS = 16
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -22,10 +24,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_rows(logits: torch.Tensor) -> int:
+    rows, vocab = logits.shape
     if torch.compiler.is_compiling():
-        return max(logits.shape[0], 1)
-    elements = _CHUNK_ELEMENTS.get(logits.device.type, _DEFAULT_CHUNK_ELEMENTS)
-    return max(1, elements // max(logits.shape[1], 1))
+        return max(rows, 1)
+    return max(1, _CHUNK_ELEMENTS // max(vocab, 1), -(-rows // _MAX_CHUNKS))
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -33,27 +35,25 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index: int):
         ct = _compute_dtype(logits)
         rows = _chunk_rows(logits)
-        lse = torch.cat([torch.logsumexp(chunk.to(ct), dim=1) for chunk in logits.split(rows)])
-        valid = targets != ignore_index
-        picked = logits.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1).to(ct)
-        n_valid = valid.sum()
-        ctx.save_for_backward(logits, targets, lse, n_valid)
+        total = sum(
+            F.cross_entropy(x.to(ct), t, ignore_index=ignore_index, reduction="sum")
+            for x, t in zip(logits.split(rows), targets.split(rows))
+        )
+        n_valid = (targets != ignore_index).sum()
+        ctx.save_for_backward(logits, targets, n_valid)
         ctx.ignore_index = ignore_index
-        return torch.where(valid, lse - picked, 0).sum() / n_valid
+        return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, targets, lse, n_valid = ctx.saved_tensors
-        ct = lse.dtype
-        rows = _chunk_rows(logits)
-        grad = torch.empty_like(logits)
-        scale = grad_loss.to(ct) / n_valid
-        for x, t, l, g in zip(logits.split(rows), targets.split(rows), lse.split(rows), grad.split(rows)):
-            valid = t != ctx.ignore_index
-            p = torch.sub(x, l.unsqueeze(1)).exp_()  # softmax, in the compute dtype (l's)
-            p.scatter_add_(1, torch.where(valid, t, 0).unsqueeze(1), -valid.to(ct).unsqueeze(1))
-            g.copy_(p.mul_(torch.where(valid, scale, 0).unsqueeze(1)))
-        return grad, None, None
+        logits, targets, n_valid = ctx.saved_tensors
+        # d loss / d logits = (softmax - onehot) / n_valid on valid rows, 0 on ignored ones; the
+        # softmax kernels accumulate in fp32 for bf16 logits and round once into the gradient.
+        grad = torch.softmax(logits, dim=1, out=torch.empty_like(logits))
+        valid = targets != ctx.ignore_index
+        grad.scatter_add_(1, torch.where(valid, targets, 0).unsqueeze(1), -valid.to(grad.dtype).unsqueeze(1))
+        scale = torch.where(valid, grad_loss.to(_compute_dtype(logits)) / n_valid, 0)
+        return grad.mul_(scale.unsqueeze(1)), None, None  # multiplied in fp32, rounded once
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
