@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # A throw-away Slurm cluster on this machine, for fms-dyt's Slurm tests (tests/test_slurm.py).
+# The tests never run this (it installs packages and writes /etc): .ci/run does, or you do.
 #
 #   bash .ci/slurm_cluster.sh up       install Debian's slurmctld/slurmd/slurm-client/munge if missing,
 #                                      start munged + slurmctld + one slurmd per emulated node, wait
@@ -16,7 +17,7 @@
 #   FMS_DYT_SLURM_CPUS=$(nproc)  CPUs each node claims (the nodes share this machine's cores)
 #   FMS_DYT_SLURM_MEM_MB=4000    memory each node claims
 #   FMS_DYT_SLURM_PARTITION=debug
-# Exit codes: 0 ok, 2 Slurm cannot be installed or started here (the tests then skip), 1 other errors.
+# Exit codes: 0 ok, 2 Slurm cannot be installed or started here, 1 other errors.
 set -euo pipefail
 
 NODES=${FMS_DYT_SLURM_NODES:-2}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import tempfile
 import time
 
@@ -20,11 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from harness import median
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fms_dyt.parallel import free_port
 
 
 def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
@@ -70,7 +65,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None
 def step_times(world: int, spec: dict) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        mp.spawn(_worker, args=(world, _free_port(), spec, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), spec, out), nprocs=world, join=True)
         with open(out) as f:
             return json.load(f)
 

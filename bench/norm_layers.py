@@ -1,11 +1,11 @@
 """DyT against RMSNorm, one layer, forward + backward: the paper's Table 7 comparison and more.
 
-Our default DyT layer (``fms_dyt.norms.DyT``, the fused op) against (1) transformers' own
+Our default DyT layer (``fms_dyt.norms.DyT``, ``fms_dyt.ops.dyt``, eager) against (1) transformers' own
 ``LlamaRMSNorm`` run eagerly, as the paper compared, and (2) the fastest RMSNorm this machine
 offers: ``LlamaRMSNorm`` under ``torch.compile`` or ``torch.nn.functional.rms_norm``. Every
 candidate gets the same input and the same output gradient; parameter gradients are computed too.
-The other ways of computing DyT are timed alongside (recorded, not ratios): the plain formula
-eager and compiled, and the PyTorch formulation of ``fms_dyt.ops`` (GPUs' path) eager and compiled.
+The other ways of computing DyT are timed alongside (recorded, not ratios): our layer compiled
+(what ``parallel.compile=true`` runs) and the plain formula eager and compiled.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from harness import interleaved, median, medians_ms, ratio
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from fms_dyt.norms import DyT
-from fms_dyt.ops import _DyTFunction, dyt_reference
+from fms_dyt.ops import dyt_reference
 
 
 class _DyTVariant(DyT):
@@ -28,10 +28,6 @@ class _DyTVariant(DyT):
 
     def forward(self, x):
         return self.fn(x, self.alpha, self.weight, self.bias)
-
-
-def _pytorch_formulation(x, alpha, weight, bias):
-    return _DyTFunction.apply(x, alpha, weight, bias, False)
 
 
 class _FunctionalRMSNorm(torch.nn.Module):
@@ -58,13 +54,12 @@ def compare(tokens: int, dim: int, dtype: torch.dtype, repeats: int, compile_bac
     dy = torch.randn(tokens, dim, generator=g).to(dtype)
     layers = {
         "dyt": DyT(dim, alpha0=0.5),
+        "dyt_compiled": torch.compile(DyT(dim, alpha0=0.5), backend=compile_backend),
         "rms_eager": LlamaRMSNorm(dim, eps=1e-5),
         "rms_compiled": torch.compile(LlamaRMSNorm(dim, eps=1e-5), backend=compile_backend),
         "rms_functional": _FunctionalRMSNorm(dim, eps=1e-5),
         "dyt_plain_eager": _DyTVariant(dim, dyt_reference),
         "dyt_plain_compiled": torch.compile(_DyTVariant(dim, dyt_reference), backend=compile_backend),
-        "dyt_pytorch_eager": _DyTVariant(dim, _pytorch_formulation),
-        "dyt_pytorch_compiled": torch.compile(_DyTVariant(dim, _pytorch_formulation), backend=compile_backend),
     }
     cases = {name: _fwd_bwd(layer.to(dtype), x0, dy) for name, layer in layers.items()}
     times = interleaved(cases, repeats, warmup=2)

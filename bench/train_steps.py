@@ -28,7 +28,7 @@ from transformers import LlamaForCausalLM
 from fms_dyt.config import load_config, model_args, norm_args
 from fms_dyt.hf import llama_config, to_llama_state_dict
 from fms_dyt.model import Transformer
-from fms_dyt.ops import cross_entropy
+from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer
 from fms_dyt.trainer import train_step
 
@@ -39,7 +39,8 @@ def hf_loss(logits, targets):
 
 
 def fms_loss(logits, targets):
-    """The loss fms_dyt.trainer.train_step computes: the same mean cross-entropy in fp32."""
+    """The loss fms_dyt.trainer.train_step computes: the same mean cross-entropy in fp32
+    (fms_dyt.loss.cross_entropy)."""
     return cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
@@ -89,7 +90,7 @@ def _shared_kernel_seconds(step, repeats: int) -> list[float]:
 
 
 def _loss_times(rows: int, vocab: int, repeats: int) -> dict[str, list[float]]:
-    """fms_dyt.ops.cross_entropy against F.cross_entropy, forward + backward on the step's logits."""
+    """fms_dyt.loss.cross_entropy against F.cross_entropy, forward + backward on the step's logits."""
     g = torch.Generator().manual_seed(1)
     logits, targets = torch.randn(rows, vocab, generator=g), torch.randint(0, vocab, (rows,), generator=g)
 

@@ -186,7 +186,7 @@ def _checkpoint_figures(run: Run, result: Analysis, io_files: list, sites: list[
     """The input/output maps of one run's checkpoint; returns its α (None without DyT) and where the batch came from."""
     import torch
 
-    from fms_dyt.checkpoint import load_for_inference
+    from fms_dyt.inference import load_for_inference
 
     log.info("%s: loading %s", run.name, run.checkpoint)
     with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent

@@ -10,8 +10,7 @@ background, off the collective path. A ``step_<N>`` directory that is incomplete
 or fails to load (a truncated shard, a bad ``meta.json``, no ``data_state.json``) is never deleted:
 it is renamed aside (``step_<N>.incomplete``, ``step_<N>.unloadable``) with a warning, and the run
 resumes from the newest one that loads. DCP
-reshards on load, so a checkpoint resumes on any world size and loads in one process for
-evaluation and export.
+reshards on load, so a checkpoint resumes on any world size and loads in one process (``fms_dyt.inference``).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import re
 import shutil
 import threading
 import uuid
-import warnings
 from pathlib import Path
 
 import torch
@@ -286,41 +284,3 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def load_for_inference(path: str | Path):
-    """Load a run dir, a ``checkpoints/step_<N>`` dir or an exported directory in one process.
-
-    Returns ``(model, cfg, meta)``: an ``FmsDytForCausalLM`` in eval mode on the CPU, the resolved
-    training config (None for exported directories) and the checkpoint's meta (step, tokens seen).
-    """
-    from fms_dyt.config import model_args, norm_args
-    from fms_dyt.hf import FmsDytConfig, FmsDytForCausalLM, args_from_llama
-
-    path = Path(path)
-    if (path / "config.json").is_file():  # an exported (Hugging Face) directory
-        from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-
-        hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
-        if isinstance(hf_cfg, LlamaConfig):
-            from fms_dyt.hf import from_llama_state_dict
-
-            llama = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            model = FmsDytForCausalLM(FmsDytConfig.from_args(*args_from_llama(hf_cfg)))
-            model.model.load_state_dict(from_llama_state_dict(llama.state_dict()))
-        else:
-            model = FmsDytForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return model.eval(), None, {}
-    ckpt = resolve_checkpoint(path)
-    cfg = OmegaConf.load(ckpt / "config.yaml")
-    with torch.device("meta"):  # no random init of weights that are about to be overwritten
-        model = FmsDytForCausalLM(FmsDytConfig.from_args(model_args(cfg), norm_args(cfg)))
-    model.to_empty(device="cpu")
-    state = {"model": model.model.state_dict()}
-    with warnings.catch_warnings():  # DCP says it runs without a process group: that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    model.model.load_state_dict(state["model"])
-    model.model.init_buffers()
-    meta = json.loads((ckpt / "meta.json").read_text())
-    return model.eval(), cfg, meta

@@ -16,14 +16,11 @@ from typing import Any, List, Optional, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fms_dyt.data.config import DataConfig, TokenizerConfig, validate_data
+from fms_dyt.errors import ConfigError  # noqa: F401  (fms_dyt.config.ConfigError for the CLIs)
 from fms_dyt.model import ModelArgs
 from fms_dyt.norms import NORMS, NormArgs, alpha_from_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and the fix."""
 
 
 @dataclass
@@ -151,6 +148,22 @@ def norm_args(cfg: DictConfig) -> NormArgs:
         kind=n.name, eps=cfg.model.norm_eps, beta=n.beta, embedding_scale=n.embedding_scale,
         impl=n.impl, **alphas,
     )
+
+
+def schedule(cfg, world_size: int) -> tuple[int, int]:
+    """(total steps, gradient-accumulation steps), checked before anything is allocated."""
+    t = cfg.train
+    per_micro = t.seq_len * t.micro_batch_size * world_size
+    if t.global_batch_tokens % per_micro:
+        raise ConfigError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len "
+            f"x train.micro_batch_size x world size = {t.seq_len} x {t.micro_batch_size} x {world_size} "
+            f"= {per_micro}; change one of them"
+        )
+    if t.max_steps is None and t.tokens is None:
+        raise ConfigError("set train.max_steps or train.tokens (total training tokens)")
+    steps = t.max_steps if t.max_steps is not None else math.ceil(t.tokens / t.global_batch_tokens)
+    return steps, t.global_batch_tokens // per_micro
 
 
 def unknown_keys(node: DictConfig, schema: type = None, prefix: str = "") -> list[str]:

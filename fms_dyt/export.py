@@ -62,7 +62,7 @@ def source_norm(source: str, overrides: list[str]) -> NormArgs:
 
 def load_pretrained(path: str | Path):
     """(FmsDytForCausalLM, tokenizer or None) from a run dir, a checkpoint or an exported directory."""
-    from fms_dyt.checkpoint import load_for_inference
+    from fms_dyt.inference import load_for_inference
 
     wrapped, cfg, _ = load_for_inference(path)
     if cfg is not None:

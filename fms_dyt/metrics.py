@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fms_dyt.model import ModelArgs
+from fms_dyt.norms import norm_sites
 
 log = logging.getLogger("fms_dyt")
 
@@ -136,20 +137,12 @@ def _start_wandb(run_dir: Path, cfg):
 
 
 def norm_scalars(model: torch.nn.Module) -> dict[str, float]:
-    """α of every DyT layer by site and depth, and the embedding scalar (empty for RMSNorm)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if name.endswith(".alpha") or name == "embedding_scale":
-            value = p.full_tensor() if hasattr(p, "full_tensor") else p
-            key = {"attention_norm": "alpha/attn", "ffn_norm": "alpha/ffn"}
-            parts = name.split(".")
-            if name == "embedding_scale":
-                out["embedding_scale"] = value.item()
-            elif parts[0] == "norm":
-                out["alpha/final"] = value.item()
-            else:
-                out[f"{key[parts[2]]}/{parts[1]}"] = value.item()
-    return out
+    """α of every DyT layer by site (``alpha/attn/<layer>``, ``alpha/ffn/<layer>``, ``alpha/final``)
+    and the embedding scalar (empty for RMSNorm)."""
+    params = {f"alpha/{site}": m.alpha for site, m in norm_sites(model).items() if hasattr(m, "alpha")}
+    if getattr(model, "embedding_scale", None) is not None:
+        params["embedding_scale"] = model.embedding_scale
+    return {key: (p.full_tensor() if hasattr(p, "full_tensor") else p).item() for key, p in params.items()}
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -167,8 +167,8 @@ class Transformer(nn.Module):
             return nn.init.trunc_normal_(value, 0.0, std, -3 * std, 3 * std, generator=g)
         if name == "embedding_scale":
             return torch.full(shape, math.sqrt(self.args.dim), device=device)
-        # Norm parameters: the layer knows its own constants (ones, zeros, α₀).
-        return torch.full(shape, owner.initial_fill(leaf), device=device)
+        # Norm parameters: the layer owns its initial values (ones, zeros, α₀).
+        return owner.initial_state(device)[leaf]
 
     def init_buffers(self, device=None) -> None:
         self.rope = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)

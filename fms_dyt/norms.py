@@ -1,7 +1,8 @@
 """Normalization layers of fms-dyt and the paper's α₀ width schedule.
 
 Every norm site of the model is built through :func:`build_norm`, so a new kind of norm is one
-class and one entry in :data:`NORMS`.
+class and one entry in :data:`NORMS`. A norm layer knows its site ("attn", "ffn" or "final", the
+spelling used everywhere: metrics keys, analysis, the α₀ arguments) and its own initial values.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from torch import nn
 from .ops import dyt
 
 
+SITES = ("attn", "ffn", "final")
+
+
 @dataclass
 class NormArgs:
-    """What the model needs to build its norm layers, with α₀ already resolved per site."""
+    """A model's norm layers, with α₀ already resolved per site (``fms_dyt.config.norm_args``
+    resolves it from the config, once). The fields are stored in exported ``config.json`` files."""
 
     kind: str = "rmsnorm"
     eps: float = 1e-5
@@ -33,10 +38,11 @@ class NormArgs:
 class RMSNorm(nn.Module):
     """LLaMA's RMSNorm; statistics are computed in fp32 whatever the input dtype."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, site: Optional[str] = None):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.site = eps, site
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The normalized input, before the learnable scale."""
@@ -46,23 +52,27 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * self.normalize(x)
 
-    def initial_fill(self, name: str) -> float:
-        """The constant that parameter ``name`` starts at."""
-        return 1.0
+    def initial_state(self, device=None) -> dict[str, torch.Tensor]:
+        """The initial value of every parameter, by name (fp32)."""
+        return {"weight": torch.ones(self.weight.shape, device=device)}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _load_initial_state(self)
 
 
 class DyT(nn.Module):
     """Dynamic Tanh: y = weight · tanh(α·x) (+ bias), with α one learnable scalar per layer."""
 
-    def __init__(self, dim: int, alpha0: float, beta: bool = False, impl: str = "fused"):
+    def __init__(self, dim: int, alpha0: float, beta: bool = False, impl: str = "fused", site: Optional[str] = None):
         super().__init__()
         if impl not in DYT_IMPLS:
             raise ValueError(f"norm.impl={impl!r} is not one of {sorted(DYT_IMPLS)}")
-        self.alpha0 = alpha0
-        self.impl = impl
-        self.alpha = nn.Parameter(torch.full((1,), float(alpha0)))
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if beta else None
+        self.alpha0, self.impl, self.site = float(alpha0), impl, site
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if beta else None
+        self.reset_parameters()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """tanh(α·x): the squashed input, before the learnable scale."""
@@ -71,9 +81,23 @@ class DyT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DYT_IMPLS[self.impl](x, self.alpha, self.weight, self.bias)
 
-    def initial_fill(self, name: str) -> float:
-        """The constant that parameter ``name`` starts at."""
-        return {"alpha": self.alpha0, "weight": 1.0, "bias": 0.0}[name]
+    def initial_state(self, device=None) -> dict[str, torch.Tensor]:
+        """The initial value of every parameter, by name (fp32): α₀, ones, zeros."""
+        state = {"alpha": torch.full((1,), self.alpha0, device=device),
+                 "weight": torch.ones(self.weight.shape, device=device)}
+        if self.bias is not None:
+            state["bias"] = torch.zeros(self.bias.shape, device=device)
+        return state
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _load_initial_state(self)
+
+
+def _load_initial_state(norm: nn.Module) -> None:
+    if norm.weight.device.type != "meta":  # a meta model is initialised where it is materialised
+        for name, value in norm.initial_state(norm.weight.device).items():
+            getattr(norm, name).copy_(value)
 
 
 def _dyt_eager(x, alpha, weight, bias):
@@ -94,18 +118,31 @@ DYT_IMPLS = {"fused": dyt, "eager": _dyt_eager, "liger": _dyt_liger}
 
 # The norm registry: kind -> builder(dim, site, args). A new norm is one entry here.
 NORMS = {
-    "rmsnorm": lambda dim, site, a: RMSNorm(dim, a.eps),
-    "dyt": lambda dim, site, a: DyT(dim, getattr(a, f"alpha_{site}"), a.beta, a.impl),
+    "rmsnorm": lambda dim, site, a: RMSNorm(dim, a.eps, site=site),
+    "dyt": lambda dim, site, a: DyT(dim, getattr(a, f"alpha_{site}"), a.beta, a.impl, site=site),
 }
-
-SITES = ("attn", "ffn", "final")
 
 
 def build_norm(dim: int, site: str, args: NormArgs) -> nn.Module:
     """The norm layer for one site ("attn", "ffn" or "final") of a model of width ``dim``."""
     if args.kind not in NORMS:
         raise ValueError(f"norm={args.kind!r} is unknown; choose one of {sorted(NORMS)}")
+    if site not in SITES:
+        raise ValueError(f"norm site {site!r} is not one of {SITES}")
     return NORMS[args.kind](dim, site, args)
+
+
+def norm_sites(model: nn.Module) -> dict[str, nn.Module]:
+    """Every norm layer of a model by site name, in forward order: ``attn/<layer>``, ``ffn/<layer>``
+    (layer: the index in ``model.layers``) and ``final``."""
+    sites = {}
+    for name, module in model.named_modules():
+        site = getattr(module, "site", None)
+        if site == "final":
+            sites[site] = module
+        elif site in SITES:
+            sites[f"{site}/{name.split('.')[-2]}"] = module  # name: layers.<i>.<attribute>
+    return sites
 
 
 def alpha_from_table(table: Sequence[Sequence[float]], width: int) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from fms_dyt.config import ConfigError
+from fms_dyt.errors import ConfigError, config_dtype
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a one-machine process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -60,7 +61,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -101,13 +102,6 @@ def build_mesh(cfg_parallel, d: Dist) -> DeviceMesh:
     return init_device_mesh(d.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"{name!r} is not a torch dtype (use bfloat16, float16 or float32)")
-    return dtype
-
-
 def checkpointed_blocks(n_layers: int, mode: str, fraction: float) -> list[bool]:
     """Which blocks recompute their activations: all (full), a spread-out fraction (selective), none."""
     if mode == "full":
@@ -120,10 +114,10 @@ def checkpointed_blocks(n_layers: int, mode: str, fraction: float) -> list[bool]
 
 def apply_parallelism(model: torch.nn.Module, cfg_parallel, mesh: DeviceMesh) -> torch.nn.Module:
     """Activation checkpointing, per-block compile and FSDP2, in place (parameter names unchanged)."""
-    param_dtype = _dtype(cfg_parallel.param_dtype)
+    param_dtype = config_dtype("parallel.param_dtype", cfg_parallel.param_dtype)
     mp = MixedPrecisionPolicy(
         param_dtype=None if param_dtype == torch.float32 else param_dtype,
-        reduce_dtype=_dtype(cfg_parallel.reduce_dtype),
+        reduce_dtype=config_dtype("parallel.reduce_dtype", cfg_parallel.reduce_dtype),
     )
     ac = checkpointed_blocks(len(model.layers), cfg_parallel.activation_checkpointing, cfg_parallel.ac_fraction)
     # FSDP units as torchtitan lays them out: the embedding, each block, then the final norm and the

@@ -29,10 +29,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fms_dyt.config import ConfigError, load_config, model_args, norm_args
+from fms_dyt.config import ConfigError, load_config, model_args, norm_args, schedule
+from fms_dyt.errors import config_dtype
 from fms_dyt.metrics import PEAK_FLOPS, flops_per_token
 from fms_dyt.model import ModelArgs, Transformer, count_parameters
-from fms_dyt.ops import cross_entropy
+from fms_dyt.loss import cross_entropy
 
 GIB = 2**30
 
@@ -53,15 +54,8 @@ DEFAULT_MFU = 0.40  # fms-fsdp reports 0.38-0.68 for LLaMA 7B-70B on A100/H100 (
 DEFAULT_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation: an assumption
 
 
-def _dtype(key: str, name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"{key}={name!r} is not a torch dtype (use bfloat16, float16 or float32)")
-    return dtype
-
-
 def _dtype_bytes(key: str, name: str) -> int:
-    return torch.empty((), dtype=_dtype(key, name)).element_size()
+    return torch.empty((), dtype=config_dtype(key, name)).element_size()
 
 
 # ---- activations ---------------------------------------------------------------------------------
@@ -84,7 +78,7 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     and its log-sum-exp (fp32, one per head), and SwiGLU's four [ffn_dim] tensors. A
     checkpointed block keeps its input only and is recomputed during backward. Around the blocks:
     the embedding output (kept for the embedding scalar's gradient), the final norm, its output,
-    the logits and one fp32 log-sum-exp per token (``fms_dyt.ops.cross_entropy``, the trainer's loss).
+    the logits and one fp32 log-sum-exp per token (``fms_dyt.loss.cross_entropy``, the trainer's loss).
     """
     p, d, f, L = compute_bytes, args.dim, args.ffn_dim, args.n_layers
     kv_width = args.kv_heads * args.head_dim
@@ -210,7 +204,6 @@ def _block_params(model: Transformer) -> tuple[int, int]:
 def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_node: int, gpu: str,
                  mfu: float, overhead_gib: float) -> dict:
     from fms_dyt.parallel import checkpointed_blocks, mesh_shape
-    from fms_dyt.trainer import schedule
 
     args, p_cfg, t = model.args, cfg.parallel, cfg.train
     if gpu not in GPUS:
@@ -359,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         from fms_dyt.parallel import checkpointed_blocks
 
         args, norm, t, par = model_args(cfg), norm_args(cfg), cfg.train, cfg.parallel
-        dtype = _dtype("parallel.param_dtype", par.param_dtype)
+        dtype = config_dtype("parallel.param_dtype", par.param_dtype)
         ckpt = checkpointed_blocks(args.n_layers, par.activation_checkpointing, par.ac_fraction)
         estimate = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len, _dtype_bytes("parallel.param_dtype", par.param_dtype), ckpt)
         measured = measure_activation_bytes(args, norm, t.micro_batch_size, t.seq_len, dtype, ckpt)

@@ -22,10 +22,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
-from fms_dyt.config import ConfigError, model_args, norm_args, validate
+from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
 from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
-from fms_dyt.ops import cross_entropy
+from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import apply_parallelism, build_mesh, init_distributed, materialize
 from fms_dyt.resume import check_same_run
@@ -36,22 +36,6 @@ log = logging.getLogger("fms_dyt")
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def schedule(cfg, world_size: int) -> tuple[int, int]:
-    """(total steps, gradient-accumulation steps), checked before anything is allocated."""
-    t = cfg.train
-    per_micro = t.seq_len * t.micro_batch_size * world_size
-    if t.global_batch_tokens % per_micro:
-        raise ConfigError(
-            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len "
-            f"x train.micro_batch_size x world size = {t.seq_len} x {t.micro_batch_size} x {world_size} "
-            f"= {per_micro}; change one of them"
-        )
-    if t.max_steps is None and t.tokens is None:
-        raise ConfigError("set train.max_steps or train.tokens (total training tokens)")
-    steps = t.max_steps if t.max_steps is not None else math.ceil(t.tokens / t.global_batch_tokens)
-    return steps, t.global_batch_tokens // per_micro
 
 
 @dataclass

@@ -145,6 +145,35 @@ def test_resume_is_bit_identical_with_shuffle_and_two_workers(shards):
         resumed.close()
 
 
+def _with_old_names(state):
+    """A rank's data state as fms-dyt wrote it before its fields were renamed (2026-12)."""
+    def reader(r):
+        epochs = {e: {"pieces": v["piece_runs"], "partials": v["cut_documents"]} for e, v in r["epoch_progress"].items()}
+        return {"epoch": r["epoch"], "tau": r["emitted_key"], "epochs": epochs, "stats": r["stats"]}
+    return {**state, "readers": [reader(r) for r in state["readers"]]}
+
+
+def test_states_saved_under_the_old_field_names_resume_the_same(shards):
+    path, _ = shards
+    first = make_loader(path)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    saved = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    assert saved["readers"][0]["emitted_key"] >= 0 and any(
+        r["epoch_progress"][str(r["epoch"])]["cut_documents"] for r in saved["readers"])  # cut documents to restore
+    batches = []
+    for state in (saved, _with_old_names(saved)):
+        loader = make_loader(path)
+        loader.load_state_dict([state])
+        it = iter(loader)
+        batches.append([next(it) for _ in range(6)])
+        loader.close()
+    for (a, _), (b, _) in zip(*batches):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("new_world", [1, 4])
 def test_rescale_from_two_ranks(shards, new_world):
     path, _ = shards

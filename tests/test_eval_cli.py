@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from test_eval_zero_shot import REPO, STEPS, TASK_DATA, trained_run
+REPO = Path(__file__).resolve().parent.parent
+TASK_DATA = REPO / "tests" / "data" / "eval_tasks"
 
 from fms_dyt.eval.cli import main, parse_args
 from fms_dyt.eval.run import run
@@ -26,11 +27,12 @@ AGREEMENT_TASKS = ["tiny_arc_easy", "tiny_hellaswag", "tiny_record", "tiny_truth
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return trained_run(tmp_path_factory)
+def run_dir(quickstart_run):
+    return quickstart_run.dir
 
 
-def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, tmp_path, monkeypatch, capsys):
+def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, quickstart_run, tmp_path, monkeypatch,
+                                                                     capsys):
     from fms_dyt import export
 
     exported = tmp_path / "exported"
@@ -59,7 +61,7 @@ def test_zero_shot_on_a_checkpoint_equals_stock_lm_eval_on_its_export(run_dir, t
     (stock_file,) = (tmp_path / "stock").rglob("results_*.json")
     theirs = json.loads(stock_file.read_text())["results"]
     report = json.loads((tmp_path / "ours.json").read_text())
-    assert report["checkpoint"]["step"] == STEPS
+    assert report["checkpoint"]["step"] == quickstart_run.steps
     compared = 0
     for task in AGREEMENT_TASKS:
         for key, value in report["lm_eval_results"][task].items():

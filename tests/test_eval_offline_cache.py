@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_eval_zero_shot import REPO, STEPS, TASK_DATA, trained_run
-
 from fms_dyt.eval.tasks import DEFAULT_TASKS, task_config, task_manager
+
+REPO = Path(__file__).resolve().parent.parent
+TASK_DATA = REPO / "tests" / "data" / "eval_tasks"
 
 
 def hub_data() -> dict:
@@ -50,8 +51,8 @@ def plant(cache: Path, repo: str, config: str | None, splits: list[str], rows: P
         arrow.rename(target / arrow.name.replace("json-", f"{name}-", 1))
 
 
-def test_the_15_tasks_run_offline_from_the_datasets_cache(tmp_path_factory, tmp_path):
-    run_dir = trained_run(tmp_path_factory)
+def test_the_15_tasks_run_offline_from_the_datasets_cache(quickstart_run, tmp_path):
+    run_dir = quickstart_run.dir
     home = tmp_path / "hf"
     planted = hub_data()
     assert len(planted) == 12  # anli, arc x2, super_glue x3, hellaswag, openbookqa, piqa, glue, truthfulqa, winogrande
@@ -70,6 +71,6 @@ def test_the_15_tasks_run_offline_from_the_datasets_cache(tmp_path_factory, tmp_
     lines = [json.loads(line) for line in (TASK_DATA / "record.jsonl").read_text().splitlines()]
     assert report["tasks"]["record"]["n_samples"] == len(lines)
     assert set(report["tasks"]["record"]["metrics"]) == {"em", "f1"}
-    assert report["tasks"]["anli_r2"]["split"] == "test_r2" and report["checkpoint"]["step"] == STEPS
+    assert report["tasks"]["anli_r2"]["split"] == "test_r2" and report["checkpoint"]["step"] == quickstart_run.steps
     for line in ("primary mean", "OpenLLaMA mean", "record", "winogrande"):
         assert line in done.stdout

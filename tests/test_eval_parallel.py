@@ -6,19 +6,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
-from test_eval_zero_shot import REPO, TASK_DATA, trained_run
 
 from fms_dyt.eval.cli import parse_args
 from fms_dyt.eval.run import run
 
+REPO = Path(__file__).resolve().parent.parent
+TASK_DATA = REPO / "tests" / "data" / "eval_tasks"
+
 TASKS = ["tiny_arc_easy", "tiny_truthfulqa_mc2"]
 
 
-def test_two_processes_score_like_one(tmp_path_factory, tmp_path, monkeypatch):
-    run_dir = trained_run(tmp_path_factory)
+def test_two_processes_score_like_one(quickstart_run, tmp_path, monkeypatch):
+    run_dir = quickstart_run.dir
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

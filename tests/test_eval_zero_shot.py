@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -28,22 +27,10 @@ TINY_TASKS = sorted(p.stem for p in TASK_DATA.glob("tiny_*.yaml"))
 STEPS, INTERVAL = 4, 2
 
 
-def trained_run(tmp_path_factory) -> Path:
-    """A quickstart run of a few steps, trained once per test session (shared by the eval test files)."""
-    run = tmp_path_factory.getbasetemp() / "eval_trained_run"
-    if not (run / "checkpoints" / f"step_{STEPS}" / "meta.json").is_file():
-        done = subprocess.run(
-            [sys.executable, "train.py", "experiment=quickstart", f"train.max_steps={STEPS}",
-             f"checkpoint.interval={INTERVAL}", f"run_dir={run}", "logging.wandb.mode=disabled"],
-            cwd=REPO, timeout=600, capture_output=True, text=True,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return run
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return trained_run(tmp_path_factory)
+def run_dir(quickstart_run):
+    assert (quickstart_run.steps, quickstart_run.interval) == (STEPS, INTERVAL)
+    return quickstart_run.dir
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +84,7 @@ def test_all_15_formats_are_scored_through_lm_eval(full_report, run_dir, manager
 
 def test_scores_are_the_models_own_loglikelihoods_with_bos(full_report, run_dir):
     """truthfulqa_mc2 recomputed by hand from the model: BOS + prompt + answer, as in training."""
-    from fms_dyt.checkpoint import load_for_inference
+    from fms_dyt.inference import load_for_inference
     from fms_dyt.data import load_tokenizer
     from lm_eval.tasks import TaskManager
 

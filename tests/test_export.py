@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from omegaconf import OmegaConf
 
-from fms_dyt.checkpoint import load_for_inference
+from fms_dyt.inference import load_for_inference
 from fms_dyt.config import load_config
 from fms_dyt.export import export, main as export_main
 from fms_dyt.hf import FmsDytConfig
@@ -20,15 +20,19 @@ from fms_dyt.norms import NormArgs
 TOKENS = torch.randint(0, 32000, (2, 21), generator=torch.Generator().manual_seed(0))
 GQA_RMS = ["model=tiny", "norm=rmsnorm", "model.n_heads=4", "model.n_kv_heads=2", "seed=7"]
 
-# Loads an exported directory in a fresh interpreter where `import fms_dyt` is impossible.
+# Loads an exported directory in a fresh interpreter where `import fms_dyt` is impossible, and
+# where starting a process (a compiler) or loading a shared library fails loudly.
 NO_FMS = """
-import sys, importlib.abc, torch
+import ctypes, subprocess, sys, importlib.abc, torch
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "fms_dyt" or name.startswith("fms_dyt."):
             raise ImportError("fms_dyt is not installed here")
 sys.meta_path.insert(0, Block())
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel  # (their imports may load libraries)
+def refuse(*args, **kwargs):
+    raise AssertionError(f"loading the exported model ran native code: {args}")
+subprocess.Popen.__init__ = ctypes.CDLL.__init__ = refuse
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert "fms_dyt" not in sys.modules
 tokens = torch.load(sys.argv[2])

@@ -107,6 +107,31 @@ def test_meta_init_equals_eager_init():
     assert lazy.layers[0].ffn_norm.alpha.item() == pytest.approx(0.2)
 
 
+def test_initial_weights_are_the_seed_rule_bit_for_bit():
+    # Checkpoints and runs depend on these weights: matrices from (seed, name) alone, norm
+    # layers at their own constants, the α₀ of their site, the embedding scalar at √dim.
+    import math
+    import zlib
+
+    from fms_dyt.norms import NormArgs, norm_sites
+
+    args = ModelArgs(**SMALL)
+    norm = NormArgs(kind="dyt", alpha_attn=0.8, alpha_ffn=0.3, alpha_final=0.25, beta=True, embedding_scale=True)
+    model = Transformer(args, norm)
+    model.init_weights(11)
+    alpha0 = {site: getattr(norm, f"alpha_{site.split('/')[0]}") for site in norm_sites(model)}
+    assert list(alpha0) == [f"{s}/{i}" for i in range(args.n_layers) for s in ("attn", "ffn")] + ["final"]
+    for site, layer in norm_sites(model).items():
+        assert torch.equal(layer.alpha, torch.full((1,), alpha0[site]))
+        assert torch.equal(layer.weight, torch.ones(args.dim)) and torch.equal(layer.bias, torch.zeros(args.dim))
+    assert torch.equal(model.embedding_scale, torch.full((1,), math.sqrt(args.dim)))
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            g = torch.Generator().manual_seed(11 * 1_000_003 + zlib.crc32(name.encode()))
+            want = torch.nn.init.trunc_normal_(torch.empty(p.shape), 0.0, 0.02, -0.06, 0.06, generator=g)
+            assert torch.equal(p, want), name
+
+
 def test_fused_dyt_gradcheck_fp64_and_matches_plain_formula():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)

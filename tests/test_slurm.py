@@ -1,15 +1,18 @@
 """fms-dyt's Slurm scripts on a real Slurm: a local cluster of two emulated nodes with fake GPUs.
 
-`.ci/slurm_cluster.sh up` installs and starts the cluster. The unmodified `slurm/llama7b_dyt.sh`
+The tests use a cluster that is already running and never install, configure or start one:
+`.ci/run` starts it (`bash .ci/slurm_cluster.sh up`, as root: it installs Slurm and munge and
+writes /etc/slurm and /etc/hosts), or you do, explicitly. The unmodified `slurm/llama7b_dyt.sh`
 runs a tiny model on the `sample` data across both nodes, and a second job stopped with
-`scancel --signal=USR1 --batch` requeues and resumes from its checkpoint. Skipped when Slurm cannot
-be installed or started here, unless FMS_DYT_REQUIRE_SLURM=1 (CI), where that fails.
+`scancel --signal=USR1 --batch` requeues and resumes from its checkpoint. Without a cluster they
+skip and say why, unless FMS_DYT_REQUIRE_SLURM=1 (CI), where that fails.
 """
 
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -21,9 +24,8 @@ from omegaconf import OmegaConf
 import fms_dyt.config  # noqa: F401  (registers the config schema train.yaml builds on)
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / ".ci" / "slurm_cluster.sh"
 SCRIPT = "slurm/llama7b_dyt.sh"
-SLURM_UNAVAILABLE = 2  # .ci/slurm_cluster.sh's exit code when Slurm cannot run here
+PARTITION, NODES = "debug", 2  # what the jobs below ask for (.ci/slurm_cluster.sh's defaults)
 
 # A tiny CPU run inside the 7B experiment: later overrides win over the experiment's values.
 TINY = [
@@ -96,20 +98,34 @@ def test_alpha0_sweep_launcher_composes(tmp_path):
     assert cfg.run_dir == "runs/sweeps/llama7b_dyt/experiment=llama7b_dyt,norm.alpha_attn=0.4"
 
 
+def cluster_problem() -> str | None:
+    """Why the jobs below cannot run on this machine's Slurm, or None when they can. Only asks."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "sinfo/sbatch are not installed"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N %T"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo does not answer: {exc}"
+    if proc.returncode != 0:
+        return f"sinfo fails: {proc.stderr.strip()[-500:]}"
+    idle = {line.split()[0] for line in proc.stdout.splitlines() if line.split()[1:] == ["idle"]}
+    if len(idle) < NODES:
+        return f"partition {PARTITION!r} has {len(idle)} idle nodes, the tests need {NODES}"
+    return None
+
+
 @pytest.fixture(scope="module")
 def slurm():
-    try:
-        proc = subprocess.run(
-            ["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600
-        )
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        rc, out = SLURM_UNAVAILABLE, str(exc)
-    if rc == SLURM_UNAVAILABLE:
-        if os.environ.get("FMS_DYT_REQUIRE_SLURM") == "1":
-            pytest.fail(f"FMS_DYT_REQUIRE_SLURM=1 but Slurm is unavailable:\n{out}")
-        pytest.skip(f"Slurm cannot be installed or started here:\n{out[-2000:]}")
-    assert rc == 0, f".ci/slurm_cluster.sh up failed ({rc}):\n{out}"
+    """A running cluster (this fixture never starts one: that installs packages and writes /etc)."""
+    problem = cluster_problem()
+    if problem is None:
+        return
+    message = (f"no usable Slurm cluster: {problem}. Start one with `bash .ci/slurm_cluster.sh up` "
+               "(root; installs Slurm and munge, writes /etc/slurm and /etc/hosts), then rerun")
+    if os.environ.get("FMS_DYT_REQUIRE_SLURM") == "1":
+        pytest.fail(f"FMS_DYT_REQUIRE_SLURM=1: {message}")
+    pytest.skip(message)
 
 
 def job_fields(job_id: str) -> dict:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fms_dyt.config import ConfigError, load_config
+from fms_dyt.parallel import free_port
 from fms_dyt.trainer import NonFiniteError, train
 
 SEQ, MICRO = 32, 2
@@ -53,11 +53,8 @@ def _worker(rank, world, port, overrides, result_codes):
 
 
 def run(world, overrides):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     codes = mp.Manager().dict()
-    mp.start_processes(_worker, args=(world, port, BASE + overrides, codes), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, free_port(), BASE + overrides, codes), nprocs=world, start_method="spawn")
     return dict(codes)
 
 
@@ -143,7 +140,7 @@ def _dying_worker(rank, world, port, overrides):
 
 
 def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path):
-    ctx = mp.start_processes(_dying_worker, args=(2, _free_port(), BASE + ["train.max_steps=20", "parallel.timeout_s=30",
+    ctx = mp.start_processes(_dying_worker, args=(2, free_port(), BASE + ["train.max_steps=20", "parallel.timeout_s=30",
                              f"run_dir={tmp_path}"]), nprocs=2, join=False, start_method="spawn")
     for p in ctx.processes:
         p.join(timeout=120)
@@ -153,7 +150,7 @@ def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path):
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
     cfg = load_config(BASE + ["train.global_batch_tokens=1000", "train.max_steps=1", f"run_dir={tmp_path}"])
-    os.environ.update(MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_PORT=str(free_port()))
     with pytest.raises(ConfigError, match="train.global_batch_tokens=1000"):
         train(cfg, data=FixedBatches(0, 1, 4))
     dist.destroy_process_group()
@@ -165,13 +162,7 @@ def test_non_finite_loss_skips_updates_then_aborts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
     cfg = load_config(BASE + ["train.max_steps=10", "train.max_bad_steps=3", f"run_dir={tmp_path}"])
-    os.environ.update(MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_PORT=str(free_port()))
     with pytest.raises(NonFiniteError, match="3 steps in a row"):
         train(cfg, data=FixedBatches(0, 1, 4))
     dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

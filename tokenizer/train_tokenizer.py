@@ -59,21 +59,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-sentences", type=int, default=20_000_000,
                     help="lines sentencepiece samples for training (input_sentence_size)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args, overrides = ap.parse_known_args(argv)
-    if any(o.startswith("-") for o in overrides):
-        ap.error(f"unrecognized arguments: {' '.join(o for o in overrides if o.startswith('-'))}")
+    from fms_dyt.cli import EXIT_CONFIG, load_config_or_report, parse_with_overrides
+
+    args, overrides = parse_with_overrides(ap, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import sentencepiece as spm
 
-    from fms_dyt.config import ConfigError, load_config
     from fms_dyt.data.tokenizer import write_hf_tokenizer
 
-    try:
-        cfg = load_config(overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_report("tokenizer/train_tokenizer.py", overrides)
+    if cfg is None:
+        return EXIT_CONFIG
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stats = {"documents": 0, "chars": 0}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fms_dyt.analysis.runs import AnalysisError, Run
+from fms_dyt.norms import norm_sites
 
 log = logging.getLogger("fms_dyt.analyze")
 
@@ -39,16 +40,6 @@ class NormCapture:
             return "final norm"
         kind, layer = self.site.split("/")
         return f"layer {layer} · {SITE_TITLES[kind]}"
-
-
-def norm_modules(transformer: nn.Module) -> dict[str, nn.Module]:
-    """Every norm layer of an fms-dyt ``Transformer`` by site name, in forward order."""
-    out = {}
-    for i, layer in enumerate(transformer.layers):
-        out[f"attn/{i}"] = layer.attention_norm
-        out[f"ffn/{i}"] = layer.ffn_norm
-    out["final"] = transformer.norm
-    return out
 
 
 def default_sites(n_layers: int) -> list[str]:
@@ -90,7 +81,7 @@ def capture_norm_io(transformer: nn.Module, tokens: torch.Tensor, sites: list[st
 
     The same token positions are kept at every site, so the panels of one figure show the same tokens.
     """
-    modules = norm_modules(transformer)
+    modules = norm_sites(transformer)
     unknown = [s for s in sites if s not in modules]
     if unknown:
         raise AnalysisError(f"norm sites {unknown} do not exist in this model (it has {len(transformer.layers)} layers)")
@@ -122,7 +113,7 @@ def capture_norm_io(transformer: nn.Module, tokens: torch.Tensor, sites: list[st
 
 def checkpoint_alphas(transformer: nn.Module) -> Optional[dict]:
     """α of every DyT layer (attn and ffn lists by depth, final) and the embedding scalar; None without DyT."""
-    modules = norm_modules(transformer)
+    modules = norm_sites(transformer)
     if not all(hasattr(m, "alpha") for m in modules.values()):
         return None
     n = len(transformer.layers)

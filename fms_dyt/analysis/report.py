@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from fms_dyt.analysis.runs import EvalResult, Run, final_loss, pick_eval
+from fms_dyt.analysis.runs import EvalResult, Run, final_loss, norm_name, pick_eval
 
 FINAL_LOSS_RECORDS = 10
 
@@ -37,7 +37,7 @@ def runs_table(runs: Sequence[Run]) -> str:
     }
     for run in runs:
         n = run.norm
-        rows["norm"].append(n.name)
+        rows["norm"].append(norm_name(n))
         rows["α₀ (attention / FFN / final)"].append(
             "—" if n.alpha_attn is None else f"{n.alpha_attn:g} / {n.alpha_ffn:g} / {n.alpha_final:g}")
         width = run.cfg.model.dim if run.cfg is not None else "?"

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fms_dyt.checkpoint import complete_checkpoints
 from fms_dyt.eval.report import REPORT_ERRORS, primary_scores, read_report
+from fms_dyt.norms import NormArgs
 
 log = logging.getLogger("fms_dyt.analyze")
 
@@ -29,26 +30,18 @@ class AnalysisError(ValueError):
     """A RUN or option the analysis cannot use; the message says which and what to do."""
 
 
-@dataclass
-class NormInfo:
-    """The norm of a run, with α₀ resolved per site (None for norms without α)."""
+def norm_name(norm: NormArgs) -> str:
+    return NORM_NAMES.get(norm.kind, norm.kind)
 
-    kind: str
-    alpha_attn: Optional[float] = None
-    alpha_ffn: Optional[float] = None
-    alpha_final: Optional[float] = None
 
-    @property
-    def name(self) -> str:
-        return NORM_NAMES.get(self.kind, self.kind)
-
-    def label(self) -> str:
-        name = self.name
-        if self.alpha_attn is None:
-            return name
-        if self.alpha_ffn == self.alpha_final:
-            return f"{name} α₀ attn {self.alpha_attn:g}, other {self.alpha_ffn:g}"
-        return f"{name} α₀ attn {self.alpha_attn:g}, ffn {self.alpha_ffn:g}, final {self.alpha_final:g}"
+def norm_label(norm: NormArgs) -> str:
+    """The norm and its α₀ per site, for legends and titles."""
+    name = norm_name(norm)
+    if norm.alpha_attn is None:
+        return name
+    if norm.alpha_ffn == norm.alpha_final:
+        return f"{name} α₀ attn {norm.alpha_attn:g}, other {norm.alpha_ffn:g}"
+    return f"{name} α₀ attn {norm.alpha_attn:g}, ffn {norm.alpha_ffn:g}, final {norm.alpha_final:g}"
 
 
 @dataclass
@@ -96,7 +89,7 @@ class Run:
 
     given: Path
     name: str  # short, unique among the runs analysed together
-    norm: NormInfo
+    norm: NormArgs
     run_dir: Optional[Path]  # None for exported directories
     checkpoint: Optional[Path]  # the checkpoint analysed; None when the run has none
     cfg: Optional[DictConfig]
@@ -112,7 +105,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.norm.label()} · {self.name}"
+        return f"{norm_label(self.norm)} · {self.name}"
 
     @property
     def is_dyt(self) -> bool:
@@ -166,10 +159,9 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 def _exported(path: Path) -> Run:
     config = json.loads((path / "config.json").read_text())
     if "norm" not in config:  # a plain LLaMA export: RMSNorm
-        norm, n_layers = NormInfo("rmsnorm"), int(config["num_hidden_layers"])
+        norm, n_layers = NormArgs(kind="rmsnorm"), int(config["num_hidden_layers"])
     else:
-        n = config["norm"]
-        norm = NormInfo(n["kind"], n.get("alpha_attn"), n.get("alpha_ffn"), n.get("alpha_final"))
+        norm = NormArgs(**config["norm"])
         n_layers = int(config["model"]["n_layers"])
     return Run(given=path, name=path.resolve().name, norm=norm, run_dir=None, checkpoint=path, cfg=None,
                metrics=Metrics(), evals=[], eval_skipped=[], n_layers=n_layers)
@@ -181,11 +173,10 @@ def _load_yaml(path: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def _norm_from_cfg(cfg: DictConfig) -> NormInfo:
+def _norm_from_cfg(cfg: DictConfig) -> NormArgs:
     from fms_dyt.config import norm_args
 
-    n = norm_args(cfg)
-    return NormInfo(n.kind, n.alpha_attn, n.alpha_ffn, n.alpha_final)
+    return norm_args(cfg)
 
 
 def read_metrics(path: Path) -> Metrics:

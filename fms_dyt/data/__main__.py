@@ -25,20 +25,17 @@ def main(argv=None) -> int:
     s = sub.add_parser("scan", help="run one epoch for every rank x worker; report coverage as JSON or text")
     s.add_argument("--world-size", type=int, required=True, help="number of ranks to simulate")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    args, overrides = ap.parse_known_args(argv)  # what is left are the Hydra overrides
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # The command line's entry point composes the training config; the data package itself never does.
+    from fms_dyt.cli import EXIT_CONFIG, load_config_or_report, parse_with_overrides
+
+    args, overrides = parse_with_overrides(ap, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from fms_dyt.config import ConfigError, load_config
     from fms_dyt.data.scan import preview, scan
 
-    try:
-        cfg = load_config(overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_report("python -m fms_dyt.data", overrides)
+    if cfg is None:
+        return EXIT_CONFIG
     common = dict(seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed)
     try:
         if args.command == "preview":

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fms_dyt.data.config import DataConfig, TokenizerConfig, as_config
 from fms_dyt.data.sources import ShardError, Source, make_source
 from fms_dyt.data.state import (END, VERSION, Layout, copies, decode_table, doc_key, encode_table,
-                                fresh_reader_state, pieces_per_file, redistribute, slot)
+                                fresh_reader_state, pieces_per_file, redistribute, slot, with_current_names)
 from fms_dyt.data.tokenizer import TextEncoder
 from fms_dyt.stop import ignore_in_worker
 
@@ -71,14 +71,14 @@ class Reader:
         self.p, self.r = plan, reader
         self.encoder = None  # loaded on first use: documents() needs none
         self.stats = {key: 0 for key in COUNTERS} | state["stats"]
-        self.future = {int(e): v for e, v in state["epochs"].items()}
+        self.saved_progress = {int(e): v for e, v in state["epoch_progress"].items()}  # epochs not begun
         self.events: list = []
         self.logged_rows = 0
         self.empty_epochs = 0
-        self._start_epoch(state["epoch"], state["tau"])
+        self._start_epoch(state["epoch"], state["emitted_key"])
 
     # ---- layout and state of one epoch
-    def _start_epoch(self, epoch: int, tau: int = -1) -> None:
+    def _start_epoch(self, epoch: int, emitted_key: int = -1) -> None:
         K = self.p.k
         self.epoch = epoch
         order = Layout(len(self.p.source.names), K, self.p.seed, epoch, self.p.readers).pieces_of(self.r)
@@ -87,11 +87,11 @@ class Reader:
         ordinal = {f: j for j, f in enumerate(self.files)}
         self.pieces = np.sort(order)
         self.file_ord = np.array([ordinal[f] for f in (self.pieces // K).tolist()], dtype=np.int64)
-        entry = self.future.pop(epoch, None) or {"pieces": [], "partials": []}
-        self.block_start, self.block_end, self.block_tau = decode_table(entry["pieces"], self.pieces)
-        self.partials = {(p, row, c): off for p, row, c, off in entry["partials"]}
+        entry = self.saved_progress.pop(epoch, None) or {"piece_runs": [], "cut_documents": []}
+        self.block_start, self.block_end, self.block_emitted_key = decode_table(entry["piece_runs"], self.pieces)
+        self.cut_documents = {(p, row, c): off for p, row, c, off in entry["cut_documents"]}
         self.base = self.block_end  # the stream goes on where the saved block ended
-        self.tau, self.cur_off, self.rle = tau, 0, None
+        self.emitted_key, self.cur_off, self.piece_runs = emitted_key, 0, None
         self.pos = (0, 0)  # (file ordinal, next row) of the stream
         self.tokens_in_epoch = 0
         self.block = self._rebuild() if (self.block_start < self.block_end).any() else []
@@ -115,7 +115,7 @@ class Reader:
         """The saved block's documents not emitted yet, in emission order (read again quietly:
         their bad rows were counted when first read)."""
         K = self.p.k
-        threshold = np.maximum(self.block_tau, self.tau)
+        threshold = np.maximum(self.block_emitted_key, self.emitted_key)
         pending = self.block_start < self.block_end
         docs = []
         for f in self.files:
@@ -184,8 +184,8 @@ class Reader:
                 break
             docs += row_docs
         self.block_end = self._cursors()
-        self.block_tau = np.full(len(self.pieces), -1, dtype=np.int64)
-        self.tau, self.rle, self.emit = -1, None, 0
+        self.block_emitted_key = np.full(len(self.pieces), -1, dtype=np.int64)
+        self.emitted_key, self.piece_runs, self.emit = -1, None, 0
         docs.sort(key=lambda d: d.key)
         self.block = docs
         return bool(docs)
@@ -236,15 +236,15 @@ class Reader:
             for d, ids in zip(todo, self.encoder.encode([d.text for d in todo])):
                 d.tokens = np.array(self.prefix + ids + self.suffix, dtype=np.int64)
                 d.text = None
-        if self.cur_off == 0 and self.partials:
-            self.cur_off = self.partials.pop((self._piece(doc), doc.row, doc.copy), 0)
+        if self.cur_off == 0 and self.cut_documents:
+            self.cur_off = self.cut_documents.pop((self._piece(doc), doc.row, doc.copy), 0)
         return doc
 
     def _piece(self, doc: _Doc) -> int:
         return doc.f * self.p.k + slot(doc.row, self.p.k)
 
     def _finish(self, doc: _Doc) -> None:
-        self.tau = doc.key
+        self.emitted_key = doc.key
         self.block[self.emit] = None  # free its tokens
         self.emit += 1
         self.cur_off = 0
@@ -288,15 +288,17 @@ class Reader:
             yield out.reshape(self.p.micro_batch_size, self.p.seq_len + 1), self.snapshot(), events, spans
 
     def snapshot(self) -> dict:
-        if self.rle is None:
-            self.rle = encode_table(self.pieces, self.block_start, self.block_end, self.block_tau)
-        partials = [[p, row, c, off] for (p, row, c), off in self.partials.items()]
+        """The reader state (``state.py``): a JSON object of a few numbers per run of pieces."""
+        if self.piece_runs is None:
+            self.piece_runs = encode_table(self.pieces, self.block_start, self.block_end, self.block_emitted_key)
+        cut = [[p, row, c, off] for (p, row, c), off in self.cut_documents.items()]
         if self.cur_off:
             doc = self.block[self.emit]
-            partials.append([self._piece(doc), doc.row, doc.copy, self.cur_off])
-        epochs = {str(e): v for e, v in self.future.items()}
-        epochs[str(self.epoch)] = {"pieces": self.rle, "partials": partials}
-        return {"epoch": self.epoch, "tau": self.tau, "epochs": epochs, "stats": dict(self.stats)}
+            cut.append([self._piece(doc), doc.row, doc.copy, self.cur_off])
+        progress = {str(e): v for e, v in self.saved_progress.items()}
+        progress[str(self.epoch)] = {"piece_runs": self.piece_runs, "cut_documents": cut}
+        return {"epoch": self.epoch, "emitted_key": self.emitted_key, "epoch_progress": progress,
+                "stats": dict(self.stats)}
 
 
 class _Readers(IterableDataset):
@@ -398,6 +400,7 @@ class PackedLoader:
         their new owners with their progress: in the current epoch no document is repeated or
         skipped (the shuffle order of the rest differs)."""
         states = [states] if isinstance(states, dict) else list(states)
+        states = [{**s, "readers": [with_current_names(r) for r in s["readers"]]} for s in states]
         for s in states:
             if s.get("version") != VERSION:
                 raise ValueError(f"data state version {s.get('version')} is not {VERSION}; it was written by "

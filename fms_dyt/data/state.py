@@ -11,12 +11,24 @@ contiguous run per reader, so a reader reads few files and each file once. A rea
 pieces' rows in file order, gathers ``shuffle_buffer`` documents into a *block*, and emits the
 block sorted by a per-document random key ``key(seed, epoch, file, row, copy)``.
 
-The state of a reader is therefore tiny: for each piece the row range ``[start, end)`` of the
-current block and a key threshold ``tau`` (block documents with ``key <= tau`` are already
-emitted), plus the token offset of a document cut at a window border. Runs of pieces sharing
-values are stored once. Because keys and piece membership do not depend on the layout, any
-reader can rebuild exactly the not-yet-emitted documents of any piece: the same reader
-continues bit for bit, and after a change of world size the pieces are redistributed with their
+The state of a reader is therefore tiny (``Reader.snapshot``)::
+
+    {"epoch": the epoch being read,
+     "emitted_key": key of the last document emitted from the current block (-1: none yet),
+     "epoch_progress": {epoch: {"piece_runs": [[first_piece, end_piece, block_start_row,
+                                                block_end_row, emitted_key], ...],
+                                "cut_documents": [[piece, row, copy, token_offset], ...]}},
+     "stats": counters}
+
+For each piece: the row range ``[block_start_row, block_end_row)`` of the current block and a key
+threshold (block documents with ``key <= emitted_key`` are already emitted), stored once per run
+of consecutive pieces sharing the values; and the token offset of each document cut at a window
+border. Progress is kept per epoch because after a change of world size a reader may own pieces
+whose old reader was already in a later epoch. States written before these names (``tau``,
+``epochs``, ``pieces``, ``partials``) load unchanged (``with_current_names``).
+
+Because keys and piece membership do not depend on the layout, any reader can rebuild exactly
+the not-yet-emitted documents of any piece: the same reader continues bit for bit, and after a change of world size the pieces are redistributed with their
 progress, so no document of the epoch is repeated or skipped.
 """
 
@@ -85,12 +97,12 @@ class Layout:
         return ((q + 1) * self.R + self.P - 1) // self.P - 1
 
 
-def encode_table(pieces: np.ndarray, start: np.ndarray, end: np.ndarray, tau: np.ndarray) -> list:
-    """Runs ``[first_piece, last_piece + 1, start, end, tau]`` over sorted ``pieces``; pieces not
-    begun this epoch (0, 0, -1) are left out."""
+def encode_table(pieces: np.ndarray, start: np.ndarray, end: np.ndarray, emitted_key: np.ndarray) -> list:
+    """Runs ``[first_piece, last_piece + 1, start, end, emitted_key]`` over sorted ``pieces``;
+    pieces not begun this epoch (0, 0, -1) are left out."""
     if len(pieces) == 0:
         return []
-    values = np.stack([start, end, tau], axis=1)
+    values = np.stack([start, end, emitted_key], axis=1)
     cut = np.ones(len(pieces), dtype=bool)
     cut[1:] = (np.diff(pieces) != 1) | (values[1:] != values[:-1]).any(axis=1)
     firsts = np.flatnonzero(cut)
@@ -100,10 +112,10 @@ def encode_table(pieces: np.ndarray, start: np.ndarray, end: np.ndarray, tau: np
 
 
 def decode_table(runs: list, pieces: np.ndarray):
-    """(start, end, tau) arrays for ``pieces`` from runs made by ``encode_table``."""
+    """(start, end, emitted_key) arrays for ``pieces`` from runs made by ``encode_table``."""
     start = np.zeros(len(pieces), dtype=np.int64)
     end = np.zeros(len(pieces), dtype=np.int64)
-    tau = np.full(len(pieces), -1, dtype=np.int64)
+    emitted_key = np.full(len(pieces), -1, dtype=np.int64)
     if runs:
         runs = sorted(runs)
         first = np.array([r[0] for r in runs], dtype=np.int64)
@@ -111,12 +123,23 @@ def decode_table(runs: list, pieces: np.ndarray):
         vals = np.array([r[2:5] for r in runs], dtype=np.int64)
         i = np.searchsorted(first, pieces, side="right") - 1
         hit = (i >= 0) & (pieces < stop[np.maximum(i, 0)])
-        start[hit], end[hit], tau[hit] = vals[i[hit]].T
-    return start, end, tau
+        start[hit], end[hit], emitted_key[hit] = vals[i[hit]].T
+    return start, end, emitted_key
 
 
 def fresh_reader_state() -> dict:
-    return {"epoch": 0, "tau": -1, "epochs": {}, "stats": {}}
+    return {"epoch": 0, "emitted_key": -1, "epoch_progress": {}, "stats": {}}
+
+
+def with_current_names(reader: dict) -> dict:
+    """A reader state under today's field names; states saved before them (``tau``, ``epochs``,
+    ``pieces``, ``partials``, same meaning) are renamed."""
+    if "tau" not in reader:
+        return reader
+    progress = {epoch: {"piece_runs": entry["pieces"], "cut_documents": entry["partials"]}
+                for epoch, entry in reader["epochs"].items()}
+    return {"epoch": reader["epoch"], "emitted_key": reader["tau"], "epoch_progress": progress,
+            "stats": reader["stats"]}
 
 
 def redistribute(states: list[dict], num_files: int, k: int, seed: int, readers: int, mine: list[int]) -> list[dict]:
@@ -129,34 +152,34 @@ def redistribute(states: list[dict], num_files: int, k: int, seed: int, readers:
         for w, reader in enumerate(s["readers"]):
             old[s["rank"] * old_n + w] = reader
     first = min(o["epoch"] for o in old)
-    last = max([o["epoch"] for o in old] + [int(e) for o in old for e in o["epochs"]])
+    last = max([o["epoch"] for o in old] + [int(e) for o in old for e in o["epoch_progress"]])
     result = []
     for r in mine:
-        epochs = {}
+        progress = {}
         for epoch in range(first, last + 1):
             pieces = np.sort(Layout(num_files, k, seed, epoch, readers).pieces_of(r))
             owners = Layout(num_files, k, seed, epoch, old_r).owner(pieces)
             start = np.zeros(len(pieces), dtype=np.int64)
             end = np.zeros(len(pieces), dtype=np.int64)
-            tau = np.full(len(pieces), -1, dtype=np.int64)
-            partials = []
+            emitted_key = np.full(len(pieces), -1, dtype=np.int64)
+            cut_documents = []
             for o in np.unique(owners):
                 sel = owners == o
                 st = old[o]
                 if st["epoch"] > epoch:  # that reader finished all its pieces of this epoch
                     start[sel] = end[sel] = END
-                elif str(epoch) in st["epochs"]:
-                    entry = st["epochs"][str(epoch)]
-                    s_, e_, t_ = decode_table(entry["pieces"], pieces[sel])
+                elif str(epoch) in st["epoch_progress"]:
+                    entry = st["epoch_progress"][str(epoch)]
+                    s_, e_, k_ = decode_table(entry["piece_runs"], pieces[sel])
                     if st["epoch"] == epoch:  # its block progress applies to its current epoch only
-                        t_ = np.maximum(t_, st["tau"])
-                    start[sel], end[sel], tau[sel] = s_, e_, t_
+                        k_ = np.maximum(k_, st["emitted_key"])
+                    start[sel], end[sel], emitted_key[sel] = s_, e_, k_
                     owned = set(pieces[sel].tolist())
-                    partials += [p for p in entry["partials"] if p[0] in owned]
-            runs = encode_table(pieces, start, end, tau)
-            if runs or partials:
-                epochs[str(epoch)] = {"pieces": runs, "partials": partials}
-        result.append({"epoch": first, "tau": -1, "epochs": epochs, "stats": {}})
+                    cut_documents += [p for p in entry["cut_documents"] if p[0] in owned]
+            runs = encode_table(pieces, start, end, emitted_key)
+            if runs or cut_documents:
+                progress[str(epoch)] = {"piece_runs": runs, "cut_documents": cut_documents}
+        result.append({"epoch": first, "emitted_key": -1, "epoch_progress": progress, "stats": {}})
     if 0 in mine:  # keep the run's totals: the old counters go to the new first reader
         totals: dict = {}
         for o in old:

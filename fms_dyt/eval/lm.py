@@ -29,7 +29,7 @@ def pick_dtype(name: str, device):
 
 def load_model(ckpt: Path):
     """(model, tokenizer, info) for a run dir, a step dir or an exported directory."""
-    from fms_dyt.checkpoint import load_for_inference
+    from fms_dyt.inference import load_for_inference
 
     try:
         model, cfg, meta = load_for_inference(ckpt)

@@ -1,0 +1,30 @@
+"""Fixtures shared by several test files (test files never import each other)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- a trained quickstart run, shared by the eval test files ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> SimpleNamespace:
+    """A quickstart run of ``steps`` steps with a checkpoint every ``interval``, trained once per
+    session: ``.dir``, ``.steps``, ``.interval``."""
+    run = SimpleNamespace(dir=tmp_path_factory.getbasetemp() / "eval_trained_run", steps=4, interval=2)
+    if not (run.dir / "checkpoints" / f"step_{run.steps}" / "meta.json").is_file():
+        done = subprocess.run(
+            [sys.executable, "train.py", "experiment=quickstart", f"train.max_steps={run.steps}",
+             f"checkpoint.interval={run.interval}", f"run_dir={run.dir}", "logging.wandb.mode=disabled"],
+            cwd=REPO, timeout=600, capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return run
