@@ -209,7 +209,7 @@ def _storages(tensors):
 
 def measure_activation_bytes(args: ModelArgs, norm, micro_batch: int, seq_len: int,
                              dtype: torch.dtype, checkpointed: list[bool]) -> dict[str, int]:
-    """Run one forward + backward of the micro-batch on the CPU and count tensor bytes.
+    """Run one forward + backward of the micro-batch on the CPU, with the ops a GPU runs, and count tensor bytes.
 
     Returns the bytes alive at the end of forward (``saved``) and the peak over the step
     (``peak``), both without parameters and their gradients: the measured counterpart of
@@ -458,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
 
         lo = p["layout"]
         p.update(simulate(cfg, lo["nodes"], lo["gpus_per_node"]))
+        # Like with like: the simulator counts tensors only, not the planner's assumed overhead.
+        planned = p["memory_per_gpu_gib"] - p["memory_gib"]["overhead"]
+        p["plan_over_simulated"] = round(planned / p["simulated_peak_gib"], 3)
     print(json.dumps(p) if ns.json else format_plan(p))
     if ns.simulate:
         needed = p["simulated_peak_gib"] + p["memory_gib"]["overhead"]
