@@ -1,4 +1,4 @@
-"""``python -m fms_dyt.plan [hydra overrides] [--json] [--nodes N --gpus-per-node G --gpu a100|h100|h200]``
+"""``python -m fms_dyt.plan [hydra overrides] [--json] [--nodes N --gpus-per-node G --gpu a100|h100|h200] [--simulate]``
 
 What a config will build and what it will cost, without building it: the parameter count by part,
 the α₀ chosen per norm site, and for a GPU cluster the memory each GPU needs (parameters,
@@ -14,7 +14,9 @@ The activation model counts the tensors eager PyTorch keeps for backward in fms-
 (flash-style attention: no sequence² term), plus the largest transient of the backward pass;
 ``--measure`` checks it on this machine's CPU by running the config's micro-batch once.
 ``torch.compile``d blocks keep less (inductor recomputes pointwise results), so for compiled runs
-the plan is an upper bound.
+the plan is an upper bound. ``--simulate`` also runs rank 0's training steps at the full world size
+on fake tensors (``fms_dyt.simulate``) and reports its measured peak next to the plan; it exits 2
+when that peak does not fit the GPU.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 :func:`simulate`: it joins a fake process group of the cluster's whole world size (collectives
 return at once and move nothing), builds the model exactly as ``train.py`` does
 (``fms_dyt.trainer.build_model``: meta init, ``apply_parallelism`` with its activation
-checkpointing, mixed precision and FSDP2 sharding, then ``materialize``) under
-``FakeTensorMode``, and runs two training steps of rank 0 (forward, loss, backward, gradient
+checkpointing, mixed precision and FSDP2 sharding), allocates it as ``materialize`` does but under
+``FakeTensorMode`` and without initial values, and runs two training steps of rank 0 (forward, loss, backward, gradient
 clipping, AdamW, the config's gradient accumulation) on fake batches of the config's
 micro-batch x seq_len. Fake tensors have shapes, dtypes and storages but no data, so a 70B step
 takes minutes on two cores and no memory. :class:`fms_dyt.plan.MemoryMeter` counts every
@@ -32,7 +32,6 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fms_dyt import ops
 from fms_dyt.ops import cross_entropy
@@ -153,14 +152,14 @@ def _fsdp_roles(meter: MemoryMeter):
 @contextmanager
 def _optimizer_role(meter: MemoryMeter, optimizer):
     """What ``optimizer.step`` allocates (AdamW's moments on the first step) is optimizer state."""
-    allocating = []
+    outer = []
 
     def pre(*_):
-        allocating.append(meter.allocating("optimizer"))
-        allocating[-1].__enter__()
+        outer.append(meter.category)
+        meter.category = "optimizer"
 
     def post(*_):
-        allocating.pop().__exit__(None, None, None)
+        meter.category = outer.pop()
 
     handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
     try:
@@ -178,10 +177,9 @@ def simulate(cfg, nodes: int, gpus_per_node: int) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from fms_dyt import trainer
     from fms_dyt.optim import build_optimizer
     from fms_dyt.parallel import Dist, build_mesh, mesh_shape
-    from fms_dyt import trainer
-    from fms_dyt.trainer import schedule
 
     t0 = time.perf_counter()
     cfg = cfg.copy()
@@ -189,7 +187,7 @@ def simulate(cfg, nodes: int, gpus_per_node: int) -> dict:
     if cfg.train.max_steps is None and cfg.train.tokens is None:
         cfg.train.max_steps = STEPS
     world = nodes * gpus_per_node
-    _, accum = schedule(cfg, world)
+    _, accum = trainer.schedule(cfg, world)
     replicas, _ = mesh_shape(cfg.parallel.sharding, world, gpus_per_node, cfg.parallel.replicas)
     d = Dist(rank=0, world_size=world, local_rank=0, local_world_size=gpus_per_node, device=torch.device("cpu"))
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
@@ -201,7 +199,7 @@ def simulate(cfg, nodes: int, gpus_per_node: int) -> dict:
             # materialize's allocation on fake tensors, without its initial values: fake weights
             # have none, and computing and scattering them at 1,024 ranks takes longer than the steps.
             # TODO(merge): call trainer.materialize itself if it now fills each shard locally.
-            # Metered from here: FSDP2 keeps storages of its own besides the parameters.
+            # Metered from the allocation on, so that every storage the model holds is counted.
             with fake, meter, meter.allocating("params"):
                 model.to_empty(device=device)
                 model.init_buffers(device)
