@@ -59,6 +59,7 @@ def test_simulated_peak_matches_a_real_cpu_run(variant, tmp_path):
     overrides = SMALL + VARIANTS[variant]
     simulated = _simulate(overrides)
     measured_gib = _measure(overrides, tmp_path) / 2**30
+    print(f"{variant}: simulated {simulated['simulated_peak_gib']:.3f} GiB, measured {measured_gib:.3f} GiB")
     assert simulated["simulated_peak_gib"] == pytest.approx(measured_gib, rel=0.15), (simulated, measured_gib)
     parts = simulated["simulated_gib"]
     assert set(parts) == {"params", "grads", "optimizer", "activations", "comm"}
