@@ -75,7 +75,9 @@ class ParallelConfig:
     activation_checkpointing: str = "off"  # off | full | selective
     ac_fraction: float = 0.5  # selective: fraction of blocks checkpointed
     compile: bool = False  # torch.compile each transformer block
-    defer_grad_sync: bool = False  # accumulation: hold unsharded gradients until the last micro-batch
+    # Gradient accumulation: false reduce-scatters every micro-batch (gradients stay shard-sized);
+    # true keeps unsharded fp32 gradients until the last micro-batch (less traffic, more memory).
+    defer_grad_sync: bool = False
     peak_tflops: Optional[float] = None  # per device, for MFU; null: known GPUs, else unknown
     timeout_s: int = 600  # collectives: a dead rank makes the others exit after this long
 

@@ -1,4 +1,4 @@
-"""``python -m fms_dyt.plan [hydra overrides] [--json] [--nodes N --gpus-per-node G --gpu a100|h100|h200]``
+"""``python -m fms_dyt.plan [hydra overrides] [--json] [--nodes N --gpus-per-node G --gpu a100|h100|h200] [--simulate]``
 
 What a config will build and what it will cost, without building it: the parameter count by part,
 the α₀ chosen per norm site, and for a GPU cluster the memory each GPU needs (parameters,
@@ -14,7 +14,9 @@ The activation model counts the tensors eager PyTorch keeps for backward in fms-
 (flash-style attention: no sequence² term), plus the largest transient of the backward pass;
 ``--measure`` checks it on this machine's CPU by running the config's micro-batch once.
 ``torch.compile``d blocks keep less (inductor recomputes pointwise results), so for compiled runs
-the plan is an upper bound.
+the plan is an upper bound. ``--simulate`` also runs rank 0's training steps at the full world size
+on fake tensors (``fms_dyt.simulate``) and reports its measured peak next to the plan; it exits 2
+when that peak does not fit the GPU.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import argparse
 import json
 import sys
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from fms_dyt.config import ConfigError, load_config, model_args, norm_args, schedule
@@ -71,14 +74,16 @@ def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int) -> int:
 
 def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len: int,
                      compute_bytes: int, checkpointed: list[bool]) -> dict[str, int]:
-    """Activation memory of one micro-batch: what forward keeps for backward, and the peak.
+    """Activation memory of one micro-batch: what forward keeps for backward, the bytes alive at
+    the two moments of backward where the step peaks, and the larger.
 
     Per token and block (eager, flash-style attention): both norms' inputs (see above), the
     normed input of the attention and FFN projections, q, k, v after RoPE, the attention output
     and its log-sum-exp (fp32, one per head), and SwiGLU's four [ffn_dim] tensors. A
     checkpointed block keeps its input only and is recomputed during backward. Around the blocks:
     the embedding output (kept for the embedding scalar's gradient), the final norm, its output,
-    the logits and one fp32 log-sum-exp per token (``fms_dyt.loss.cross_entropy``, the trainer's loss).
+    the logits, which the loss keeps for its backward (``fms_dyt.loss.cross_entropy``, the trainer's
+    loss: its fp32 work is done in row chunks and in the gradient's own buffer).
     """
     p, d, f, L = compute_bytes, args.dim, args.ffn_dim, args.n_layers
     kv_width = args.kv_heads * args.head_dim
@@ -86,71 +91,117 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     full_block = 2 * norm + p * (4 * d + 2 * kv_width + 4 * f) + 4 * args.n_heads
     block_input = p * d
     tokens = micro_batch * seq_len
-    n_ckpt = sum(checkpointed)
+    n_ckpt, ckpt_last = sum(checkpointed), bool(checkpointed) and checkpointed[-1]
     saved = ((L - n_ckpt) * full_block + n_ckpt * block_input) * tokens
     # RoPE tables cast to the compute dtype, 4 per kept block, shared by the micro-batch.
     if p != 4:
         saved += (L - n_ckpt) * 4 * seq_len * args.head_dim * p
     embedding_kept = p * d if norm_kind == "dyt" else 0
-    head = embedding_kept + norm + p * d + p * args.vocab_size + 4
-    saved += head * tokens
-    # Transients on top: the logits' gradient, or a block's backward (two [ffn_dim] gradients
-    # alive at SwiGLU's backward), plus the recomputed block when activations are checkpointed.
-    loss_grad = p * args.vocab_size
-    block_backward = 2 * p * f + (full_block - block_input if n_ckpt else 0)
-    transient = max(loss_grad, block_backward) * tokens
-    return {"saved": saved, "peak": saved + transient}
+    head = norm + p * d + p * args.vocab_size  # freed by the backward of the loss, norm and head
+    saved += (embedding_kept + head) * tokens
+    # Transients on top, at the two candidate peaks: the loss's backward (the logits' gradient,
+    # beside the logits), or the last block's backward (two [ffn_dim] gradients alive at SwiGLU's
+    # backward), plus the recomputed block when activations are checkpointed.
+    loss = saved + p * args.vocab_size * tokens
+    block = saved - head * tokens + (2 * p * f + (full_block - block_input if ckpt_last else 0)) * tokens
+    return {"saved": saved, "loss_backward": loss, "block_backward": block, "peak": max(loss, block)}
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Bytes held by tensors created under this mode, by storage, after every operation.
+MEMORY_CATEGORIES = ("params", "grads", "optimizer", "activations", "comm")
 
-    Parameter gradients are not activations: when autograd accumulates one, its bytes are taken
-    out of every point of the timeline since the operation that created it, so the peak is that
-    of activations and backward temporaries alone.
+
+class MemoryMeter(TorchDispatchMode):
+    """Bytes of the tensor storages alive under this mode, by category, after every operation.
+
+    A storage is counted from the operation that creates it until it is freed (its last tensor is
+    gone) and follows in-place resizes (``storage.resize_``, which FSDP2 uses to free and refill
+    unsharded parameters). It is counted in the category being allocated when it appears
+    (``allocating``, default activations) until ``tag`` names its role, e.g. a gradient once
+    autograd accumulates it. Works on real and fake tensors alike (storages are told apart by
+    their C++ object, not their data pointer, which fake tensors lack).
+
+    ``peak`` is the largest total and ``at_peak`` its parts at that moment; ``peaks`` holds each
+    category's own largest value.
     """
 
-    def __init__(self, existing: list[torch.Tensor]):
+    def __init__(self, existing: dict[str, list[torch.Tensor]] | None = None):
         super().__init__()
-        self.existing = {t.untyped_storage().data_ptr() for t in existing}
-        self.live: dict[int, tuple[int, int]] = {}  # storage -> (bytes, timeline index at creation)
-        self.grads: set[int] = set()
-        self.timeline: list[int] = []
-        self.total = 0  # activation bytes alive now
+        self.live: dict[int, list] = {}  # storage -> [bytes, category]
+        self.now = dict.fromkeys(MEMORY_CATEGORIES, 0)
+        self.peaks = dict(self.now)
+        self.at_peak = dict(self.now)
+        self.peak = 0
+        self.category = "activations"
+        for category, tensors in (existing or {}).items():
+            self.tag(tensors, category)
 
-    @property
-    def peak(self) -> int:
-        return max(self.timeline, default=0)
+    def tag(self, tensors, category: str) -> None:
+        """Count the storages of ``tensors`` as ``category`` from now on (tracking them if new)."""
+        for storage in _storages(tensors):
+            entry = self.live.get(storage._cdata)
+            if entry is None:
+                self._track(storage, category)
+            elif entry[1] != category:
+                self.now[entry[1]] -= entry[0]
+                self.now[category] += entry[0]
+                entry[1] = category
+        self._update_peaks()
+
+    @contextmanager
+    def allocating(self, category: str):
+        """Storages created inside this block start in ``category``."""
+        outer, self.category = self.category, category
+        try:
+            yield
+        finally:
+            self.category = outer
+
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        entry = self.live.get(storage._cdata)
+        if entry is None:
+            self._track(storage, self.category)
+        else:
+            self.now[entry[1]] += storage.nbytes() - entry[0]
+            entry[0] = storage.nbytes()
+        self._update_peaks()
+
+    def _track(self, storage: torch.UntypedStorage, category: str) -> None:
+        key = storage._cdata
+        self.live[key] = [storage.nbytes(), category]
+        self.now[category] += storage.nbytes()
+        weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
-        nbytes, _ = self.live.pop(key)
-        if key in self.grads:
-            self.grads.discard(key)
-        else:
-            self.total -= nbytes
+        nbytes, category = self.live.pop(key)
+        self.now[category] -= nbytes
+
+    def _update_peaks(self) -> None:
+        for category, nbytes in self.now.items():
+            if nbytes > self.peaks[category]:
+                self.peaks[category] = nbytes
+        total = sum(self.now.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, dict(self.now)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key in self.existing or key in self.live or storage.nbytes() == 0:
-                    continue
-                self.live[key] = (storage.nbytes(), len(self.timeline))
-                self.total += storage.nbytes()
-                weakref.finalize(storage, self._free, key)
-        self.timeline.append(self.total)
+        for storage in _storages(tree_flatten(out)[0]):
+            if storage._cdata not in self.live:
+                self._track(storage, self.category)
+        self._update_peaks()
         return out
 
-    def grad_accumulated(self, param: torch.Tensor) -> None:
-        key = param.grad.untyped_storage().data_ptr()
-        if key in self.live and key not in self.grads:
-            nbytes, created = self.live[key]
-            self.grads.add(key)
-            self.total -= nbytes
-            for i in range(created, len(self.timeline)):
-                self.timeline[i] -= nbytes
+
+def _storages(tensors):
+    """The storages that hold ``tensors``' data: a tensor subclass that wraps others (DTensor and
+    its local shard) is its inner tensors, not its own storage, which has the global size."""
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if is_traceable_wrapper_subclass(t):
+            yield from _storages(getattr(t, name) for name in t.__tensor_flatten__()[0])
+        else:
+            yield t.untyped_storage()
 
 
 def measure_activation_bytes(args: ModelArgs, norm, micro_batch: int, seq_len: int,
@@ -171,15 +222,14 @@ def measure_activation_bytes(args: ModelArgs, norm, micro_batch: int, seq_len: i
             checkpoint_activations(block)
     tokens = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    counter = _LiveTensorBytes([*model.parameters(), *model.buffers(), tokens])
+    meter = MemoryMeter({"params": [*model.parameters(), *model.buffers(), tokens]})
     for p in model.parameters():
-        p.register_post_accumulate_grad_hook(counter.grad_accumulated)
-    with counter:
-        logits = model(inputs)  # kept, as the trainer keeps it, until backward is done
-        loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
-        saved = counter.total
+        p.register_post_accumulate_grad_hook(lambda p: meter.tag([p.grad], "grads"))
+    with meter:
+        loss = cross_entropy(model(inputs).flatten(0, 1), targets.flatten())  # as trainer.train_step
+        saved = meter.now["activations"]
         loss.backward()
-    return {"saved": saved, "peak": counter.peak}
+    return {"saved": saved, "peak": meter.peaks["activations"]}
 
 
 # ---- the cluster plan ------------------------------------------------------------------------------
@@ -194,11 +244,44 @@ def default_layout(cfg) -> tuple[int, int]:
     return 1, world
 
 
-def _block_params(model: Transformer) -> tuple[int, int]:
-    """(parameters of one block, parameters outside the blocks: FSDP2's root group)."""
-    block = sum(p.numel() for p in model.layers[0].parameters())
-    root = sum(p.numel() for p in model.parameters()) - block * len(model.layers)
-    return block, root
+def _unit_params(model: Transformer) -> dict[str, int]:
+    """Parameters of each FSDP2 unit: one block, the embedding, the final norm with the head."""
+    def count(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+    return {"block": count(model.layers[0]), "embedding": count(model.tok_embeddings),
+            "head": count(model.norm, model.output)}
+
+
+def memory_phases(n_params: int, units: dict[str, int], shard: int, compute: int, reduce: int,
+                  accum: int, defer_grad_sync: bool, acts: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Bytes a rank holds, by category, at each moment of the step where it can peak.
+
+    FSDP2 keeps fp32 shards of the parameters and AdamW's two moments for the whole step. With
+    gradient accumulation, a later micro-batch also holds the gradients of the earlier ones: fp32
+    shards, or (``defer_grad_sync``) fp32 unsharded gradients of the whole model. Then:
+    ``loss_backward``: the head unit stays all-gathered from its forward (no reshard) while the
+    loss's backward runs on every block's saved activations; ``block_backward``: a block is
+    all-gathered and the next one's all-gather is in flight, the block's unsharded gradients are
+    alive and so is the reduce-scatter input of the unit before it; ``embedding_backward``: all gradients are
+    reduced but the embedding's, whose dense gradient and reduce-scatter input are alive;
+    ``update``: clipping and AdamW over the shards.
+    """
+    P, s, c, g = n_params, shard, compute, reduce
+    block, head, emb = units["block"], units["head"], units["embedding"]
+    shards = {"params": 4 * P / s, "optimizer": 8 * P / s}
+    earlier = 0 if accum == 1 else (g * P if defer_grad_sync else 4 * P / s)
+    reducing = accum == 1 or not defer_grad_sync  # the peak micro-batch reduce-scatters
+    return {
+        "loss_backward": {**shards, "params": shards["params"] + c * head, "grads": earlier,
+                          "activations": acts["loss_backward"], "comm": 0},
+        "block_backward": {**shards, "params": shards["params"] + c * block, "grads": earlier + c * block,
+                           "activations": acts["block_backward"],
+                           "comm": c * block + (g * max(block, head) if reducing else 0)},
+        "embedding_backward": {**shards, "params": shards["params"] + c * emb,
+                               "grads": max(earlier, 4 * P / s) + c * emb, "activations": 0,
+                               "comm": g * emb if reducing else 0},
+        "update": {**shards, "grads": 4 * P / s, "activations": 0, "comm": 0},
+    }
 
 
 def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_node: int, gpu: str,
@@ -219,20 +302,12 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
 
     compute = _dtype_bytes("parallel.param_dtype", p_cfg.param_dtype)
     reduce = _dtype_bytes("parallel.reduce_dtype", p_cfg.reduce_dtype)
-    block, root = _block_params(model)
     ckpt = checkpointed_blocks(args.n_layers, p_cfg.activation_checkpointing, p_cfg.ac_fraction)
     acts = activation_bytes(args, norm_args(cfg).kind, t.micro_batch_size, t.seq_len, compute, ckpt)
-    # FSDP2 keeps fp32 shards of parameters, gradients and AdamW's two moments; it all-gathers
-    # the root group (embedding, head, final norm) for the whole step and up to two blocks at a
-    # time (the running one and the prefetched next) in the compute dtype; backward holds the
-    # root's unsharded gradients until the end, and one block's in the compute and reduce dtypes.
-    memory = {
-        "params": 4 * n_params / shard + (root + 2 * block) * compute,
-        "grads": 4 * n_params / shard + (root + block) * (compute + reduce),
-        "optimizer": 8 * n_params / shard,
-        "activations": acts["peak"],
-        "overhead": overhead_gib * GIB,
-    }
+    phases = memory_phases(n_params, _unit_params(model), shard, compute, reduce, accum,
+                           p_cfg.defer_grad_sync, acts)
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    memory = {**phases[peak_phase], "overhead": overhead_gib * GIB}
     memory_gib = {k: round(v / GIB, 3) for k, v in memory.items()}
     total_gib = round(sum(memory.values()) / GIB, 3)
 
@@ -247,9 +322,11 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
             "micro_batch_size": t.micro_batch_size, "seq_len": t.seq_len, "grad_accum_steps": accum,
             "activation_checkpointing": p_cfg.activation_checkpointing,
             "checkpointed_blocks": sum(ckpt), "param_dtype": p_cfg.param_dtype, "reduce_dtype": p_cfg.reduce_dtype,
+            "defer_grad_sync": p_cfg.defer_grad_sync,
         },
         "memory_per_gpu_gib": total_gib,
         "memory_gib": memory_gib,
+        "memory_peak_at": peak_phase,
         "gpu_memory_gib": round(spec.memory_gib, 1),
         "fits": total_gib <= spec.memory_gib,
         "flops_per_token": fpt,
@@ -305,8 +382,16 @@ def format_plan(p: dict) -> str:
     lines.append(
         f"memory per GPU: {p['memory_per_gpu_gib']:.1f} GiB of {p['gpu_memory_gib']:.0f} "
         f"({'fits' if p['fits'] else 'DOES NOT FIT'}): params {m['params']:.1f}, grads {m['grads']:.1f}, "
-        f"optimizer {m['optimizer']:.1f}, activations {m['activations']:.1f}, overhead {m['overhead']:.1f}"
+        f"optimizer {m['optimizer']:.1f}, activations {m['activations']:.1f}, comm {m['comm']:.1f}, "
+        f"overhead {m['overhead']:.1f} (peak at {p['memory_peak_at'].replace('_', ' ')})"
     )
+    if "simulated_peak_gib" in p:
+        sim = p["simulated_gib"]
+        lines.append(
+            f"simulated peak of rank 0 ({p['simulated_steps']} steps on fake tensors, {p['simulated_wall_s']:.0f} s): "
+            f"{p['simulated_peak_gib']:.1f} GiB + overhead: params {sim['params']:.1f}, grads {sim['grads']:.1f}, "
+            f"optimizer {sim['optimizer']:.1f}, activations {sim['activations']:.1f}, comm {sim['comm']:.1f}"
+        )
     lines.append(
         f"{p['flops_per_token']:.3g} FLOP per token; at MFU {p['mfu']:.2f}: "
         f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {p['tokens_per_s']:,.0f} tokens/s in all"
@@ -338,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"per-GPU memory outside the model (default {DEFAULT_OVERHEAD_GIB})")
     parser.add_argument("--measure", action="store_true",
                         help="also run one micro-batch on the CPU and compare its activation memory with the plan")
+    parser.add_argument("--simulate", action="store_true",
+                        help="also run two training steps of rank 0 on fake tensors at the full world size "
+                             "and report its peak memory (fms_dyt.simulate)")
     ns = parser.parse_intermixed_args(argv)
     if not 0 < ns.mfu <= 1:
         print(f"fms_dyt.plan: --mfu {ns.mfu} must be within (0, 1]", file=sys.stderr)
@@ -359,7 +447,24 @@ def main(argv: list[str] | None = None) -> int:
         p["activations_measured_cpu"] = {"plan_bytes": estimate["peak"], "measured_bytes": measured["peak"]}
         if not ns.json:
             print(format_measurement(estimate, measured), file=sys.stderr)
+    if ns.simulate:
+        from fms_dyt.simulate import simulate
+
+        lo = p["layout"]
+        p.update(simulate(cfg, lo["nodes"], lo["gpus_per_node"]))
+        # Like with like: the simulator counts tensors only, not the planner's assumed overhead.
+        planned = p["memory_per_gpu_gib"] - p["memory_gib"]["overhead"]
+        p["plan_over_simulated"] = round(planned / p["simulated_peak_gib"], 3)
     print(json.dumps(p) if ns.json else format_plan(p))
+    if ns.simulate:
+        needed = p["simulated_peak_gib"] + p["memory_gib"]["overhead"]
+        if needed > p["gpu_memory_gib"]:
+            print(f"fms_dyt.plan: does not fit: rank 0's simulated peak is {p['simulated_peak_gib']:.1f} GiB "
+                  f"(+ {p['memory_gib']['overhead']:.1f} GiB overhead = {needed:.1f} GiB), more than the "
+                  f"{p['gpu_memory_gib']:.0f} GiB of one {p['layout']['gpu'].upper()}; use more GPUs, activation "
+                  "checkpointing (parallel.activation_checkpointing) or a smaller train.micro_batch_size",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

@@ -27,7 +27,7 @@ from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_sca
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
-from fms_dyt.parallel import apply_parallelism, build_mesh, init_distributed, materialize
+from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize
 from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 
@@ -109,6 +109,16 @@ def global_stats(loss: torch.Tensor, data_stats: dict, device) -> tuple[float, d
     return table[:, 0].mean().item(), {k: int(v) if isinstance(data_stats[k], int) else v for k, v in totals.items()}
 
 
+def build_model(cfg, d: Dist, mesh) -> Transformer:
+    """The model as every rank trains it: built on the meta device, parallelised, then allocated
+    and initialised on ``d.device`` (``fms_dyt.simulate`` builds it the same way)."""
+    with torch.device("meta"):
+        model = Transformer(model_args(cfg), norm_args(cfg))
+    apply_parallelism(model, cfg.parallel, mesh)
+    materialize(model, d.device, cfg.seed)
+    return model
+
+
 def train(cfg, data=None) -> int:
     """Train to ``train.max_steps``; ``data`` replaces the configured loader (same interface)."""
     validate(cfg)
@@ -138,8 +148,8 @@ def _train(cfg, data, stop: StopRequest) -> int:
     torch.manual_seed(cfg.seed)
 
     args, norm = model_args(cfg), norm_args(cfg)
-    with torch.device("meta"):
-        model = Transformer(args, norm)
+    mesh = build_mesh(cfg.parallel, d)
+    model = build_model(cfg, d, mesh)
     if d.is_main:
         alphas = "" if norm.kind != "dyt" else (
             f"; alpha0 attn {norm.alpha_attn:.4g}, ffn {norm.alpha_ffn:.4g}, final {norm.alpha_final:.4g}"
@@ -147,9 +157,6 @@ def _train(cfg, data, stop: StopRequest) -> int:
         log.info("model %s, norm %s: %s parameters%s; embedding scalar %s; %d steps, %d micro-batches a step on %d ranks",
                  cfg.model.name, norm.kind, f"{count_parameters(model)['total']:,}", alphas,
                  "on" if norm.embedding_scale else "off", total_steps, accum, d.world_size)
-    mesh = build_mesh(cfg.parallel, d)
-    apply_parallelism(model, cfg.parallel, mesh)
-    materialize(model, d.device, cfg.seed)
     optimizer = build_optimizer(model, cfg.optim)
     if data is None:
         from fms_dyt.data import build_dataloader

@@ -1,4 +1,5 @@
-"""Fixtures shared by several test files (test files never import each other)."""
+"""Fixtures shared by several test files (test files never import each other), and the ``gpu``
+marker: tests marked ``gpu`` need a CUDA GPU; without one they are skipped, saying so."""
 
 from __future__ import annotations
 
@@ -28,3 +29,17 @@ def quickstart_run(tmp_path_factory) -> SimpleNamespace:
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return run
+
+
+# ---- tests marked gpu --------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu and this machine has no CUDA GPU; on one, run bash bench/gpu_check.sh")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

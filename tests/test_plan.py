@@ -35,7 +35,7 @@ def test_paper_runs_fit_in_80_gib_on_their_own_layout(experiment):
     assert p["layout"]["grad_accum_steps"] == 1
     assert 5 <= p["memory_per_gpu_gib"] <= 80 and p["fits"]
     parts = p["memory_gib"]
-    assert set(parts) == {"params", "grads", "optimizer", "activations", "overhead"}
+    assert set(parts) == {"params", "grads", "optimizer", "activations", "comm", "overhead"}
     assert sum(parts.values()) == pytest.approx(p["memory_per_gpu_gib"], abs=0.01)
     assert p["flops_per_token"] > 6 * p["n_params"] * 0.9
     assert p["days"] == pytest.approx(200e9 / p["tokens_per_s"] / 86400, rel=1e-3)
@@ -130,3 +130,15 @@ def test_activation_model_within_20_percent_of_measured_cpu_memory(kind, shape, 
     measured = measure_activation_bytes(args, _norm(kind), batch, seq, dtype, ckpt)
     assert estimate["saved"] == pytest.approx(measured["saved"], rel=0.05)
     assert estimate["peak"] == pytest.approx(measured["peak"], rel=0.2)
+
+
+def test_accumulation_keeps_shard_sized_gradients_unless_deferred():
+    base = ["experiment=llama7b_dyt"]
+    n = plan(load_config(base))["n_params"]
+    default = plan(load_config(base), nodes=8)
+    deferred = plan(load_config(base + ["parallel.defer_grad_sync=true"]), nodes=8)
+    assert default["layout"]["grad_accum_steps"] == 8 and default["layout"]["shard_size"] == 8
+    # Reduce-scattered every micro-batch: the fp32 shards; deferred: fp32 gradients of every parameter.
+    assert default["memory_gib"]["grads"] == pytest.approx(4 * n / 8 / 2**30, rel=0.01)
+    assert deferred["memory_gib"]["grads"] == pytest.approx(4 * n / 2**30, rel=0.01)
+    assert deferred["memory_per_gpu_gib"] - default["memory_per_gpu_gib"] > 20

@@ -1,0 +1,77 @@
+"""The trainer on one CUDA GPU (tests marked ``gpu``: skipped without CUDA, see tests/conftest.py;
+bench/gpu_check.sh runs them), and the GPU check's dry run, which any machine runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+# 128 x 4 tokens a micro-batch on one GPU, 1,024 a step: 2 micro-batches accumulated.
+ARGS = ["experiment=quickstart", "train.device=cuda", "parallel.param_dtype=bfloat16", "parallel.compile=true",
+        "train.seq_len=128", "train.micro_batch_size=4", "train.global_batch_tokens=1024",
+        f"train.max_steps={STEPS}", "checkpoint.interval=2", "checkpoint.async_save=true",
+        "logging.interval=1", "logging.wandb.mode=disabled"]
+
+
+def _torchrun(run_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           "train.py", *ARGS, f"run_dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines(keepends=True)
+    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.endswith("\n"))}
+
+
+@pytest.mark.gpu
+def test_nccl_bf16_compiled_accumulation_async_save_sigterm_and_resume(tmp_path):
+    """torchrun with NCCL, bf16 mixed precision, compiled blocks, 2 micro-batches a step, async
+    checkpoints; SIGTERM -> exit 75 -> resume with the losses of an uninterrupted run."""
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    out, _ = _torchrun(ref).communicate(timeout=300)
+    assert sorted(_losses(ref)) == list(range(1, STEPS + 1)), out
+    assert "2 micro-batches a step" in out, out
+
+    proc = _torchrun(stopped)
+    deadline = time.time() + 300
+    while 3 not in _losses(stopped):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.1)
+    for worker in psutil.Process(proc.pid).children(recursive=True):
+        worker.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    # torchrun reports the worker's exit 75 (checkpoint saved, run again to resume) as a failure.
+    assert re.search(r"exitcode\s*:\s*75", out), out
+    last = max(_losses(stopped))
+    assert 3 <= last < STEPS and (stopped / "checkpoints" / f"step_{last}" / "meta.json").is_file(), out
+
+    out, _ = _torchrun(stopped).communicate(timeout=300)
+    assert "resumed from" in out, out
+    again, expected = _losses(stopped), _losses(ref)
+    for step in range(last + 1, STEPS + 1):
+        assert again[step] == expected[step], (step, again[step], expected[step])
+
+
+def test_gpu_check_dry_run_collects_the_gpu_tests_and_checks_the_benchmarks(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    run = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "nothing ran on a GPU" in run.stdout
+    result = json.loads(out.read_text())
+    assert result["ran_on_gpu"] is False and result["gpu_tests_collected"] >= 1
+    assert result["bench"]["benchmarks"] == ["norm", "step", "mfu", "memory"]

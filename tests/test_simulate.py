@@ -1,0 +1,156 @@
+"""The full-scale dry run (``fms_dyt.plan --simulate``) against reality and against the planner.
+
+Reality: the same trainer step run for real on 2 gloo ranks of this CPU, its peak read from the
+C library's accounting of the bytes in use (``mallinfo2``), not from the simulator's meter.
+Run as a script under torchrun, this file is that real run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# An 8,000-token vocabulary: at 32,000 the embedding and head are 40% of this model's weights,
+# and gloo's reduce-scatter copies its whole input (NCCL's does not), so the real run's peak would
+# be gloo's copy of the head's gradients, which is no part of what a GPU holds.
+SMALL = ["model=small", "model.vocab_size=8000", "train.seq_len=512", "train.micro_batch_size=2", "train.max_steps=2"]
+VARIANTS = {  # name: overrides on top of SMALL (2 ranks: 2,048 tokens a micro-batch step)
+    "plain": ["train.global_batch_tokens=2048"],
+    "checkpointed": ["train.global_batch_tokens=2048", "parallel.activation_checkpointing=full"],
+    "accumulation_4": ["train.global_batch_tokens=8192"],
+}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _simulate(overrides: list[str], nodes: int = 1, gpus_per_node: int = 2) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "fms_dyt.plan", *overrides, "--simulate", "--json",
+         "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)],
+        capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def _measure(overrides: list[str], tmp_path: Path) -> int:
+    result = tmp_path / "measured.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         __file__, str(result), *overrides],
+        capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(result.read_text())["peak_bytes"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_simulated_peak_matches_a_real_cpu_run(variant, tmp_path):
+    overrides = SMALL + VARIANTS[variant]
+    simulated = _simulate(overrides)
+    measured_gib = _measure(overrides, tmp_path) / 2**30
+    print(f"{variant}: simulated {simulated['simulated_peak_gib']:.3f} GiB, measured {measured_gib:.3f} GiB")
+    assert simulated["simulated_peak_gib"] == pytest.approx(measured_gib, rel=0.15), (simulated, measured_gib)
+    parts = simulated["simulated_gib"]
+    assert set(parts) == {"params", "grads", "optimizer", "activations", "comm"}
+    assert sum(parts.values()) == pytest.approx(simulated["simulated_peak_gib"], abs=0.01)
+    # AdamW's two fp32 moments of this rank's half of the parameters.
+    assert parts["optimizer"] == pytest.approx(8 * simulated["n_params"] / 2 / 2**30, rel=0.01)
+
+
+def test_gradients_stay_shard_sized_with_accumulation_unless_deferred():
+    base = SMALL + ["train.global_batch_tokens=16384"]  # 8 micro-batches a step on 2 ranks
+    default = _simulate(base)
+    deferred = _simulate(base + ["parallel.defer_grad_sync=true"])
+    n = default["n_params"]
+    assert default["layout"]["grad_accum_steps"] == 8
+    # Reduce-scattered every micro-batch: fp32 shards of the gradients and one block's transients.
+    assert default["simulated_gib"]["grads"] < 1.5 * 4 * n / 2 / 2**30
+    # Deferred: fp32 gradients of the whole model until the last micro-batch.
+    assert deferred["simulated_gib"]["grads"] >= 4 * n / 2**30
+    for p in (default, deferred):
+        assert p["memory_per_gpu_gib"] - p["memory_gib"]["overhead"] == pytest.approx(p["simulated_peak_gib"], rel=0.15)
+
+
+def test_a_config_that_does_not_fit_fails_with_the_figures():
+    out = subprocess.run(
+        [sys.executable, "-m", "fms_dyt.plan", "model=small", "train.seq_len=4096", "train.micro_batch_size=64",
+         "train.global_batch_tokens=262144", "train.max_steps=2", "--nodes", "1", "--gpus-per-node", "1",
+         "--simulate", "--json"],
+        capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "does not fit" in out.stderr and "80 GiB" in out.stderr
+
+
+def _real_run(result: str, overrides: list[str]) -> None:
+    """Two steps of the trainer's step on real CPU tensors; rank 0 writes its peak bytes in use."""
+    import torch
+
+    from fms_dyt.config import load_config
+    from fms_dyt.optim import build_optimizer
+    from fms_dyt.parallel import build_mesh, init_distributed
+    from fms_dyt.config import schedule
+    from fms_dyt.simulate import STEPS
+    from fms_dyt.trainer import build_model, train_step
+
+    cfg = load_config(overrides)
+    d = init_distributed("cpu")
+    _, accum = schedule(cfg, d.world_size)
+    with _malloc_peak() as malloc:
+        model = build_model(cfg, d, build_mesh(cfg.parallel, d))
+        optimizer = build_optimizer(model, cfg.optim)
+        tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len))
+        for _ in range(STEPS):
+            train_step(model, optimizer, itertools.repeat((tokens, tokens)), accum, cfg.optim.grad_clip,
+                       d.device, defer_grad_sync=cfg.parallel.defer_grad_sync)
+    if d.is_main:
+        Path(result).write_text(json.dumps({"peak_bytes": malloc.peak - malloc.baseline}))
+    torch.distributed.destroy_process_group()
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> int:
+    """Bytes glibc has handed out and not taken back: mmapped blocks (any thread) and the main heap."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return info.hblkhd + info.uordblks
+
+
+def _malloc_peak():
+    """The C library's bytes in use, sampled after every tensor operation: the allocator's own
+    accounting, independent of fms-dyt's meter. (torch.profiler's allocation events miss the frees
+    made on gloo's threads, so their running total only grows.) With MALLOC_MMAP_THRESHOLD_ fixed,
+    every tensor above 64 KiB is a block of its own that leaves the count when it is freed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MallocPeak(TorchDispatchMode):
+        def __enter__(self):
+            self.baseline = self.peak = _malloc_in_use()
+            return super().__enter__()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, _malloc_in_use())
+            return out
+
+    return MallocPeak()
+
+
+if __name__ == "__main__":
+    _real_run(sys.argv[1], sys.argv[2:])
