@@ -138,7 +138,8 @@ def test_accumulation_keeps_shard_sized_gradients_unless_deferred():
     default = plan(load_config(base), nodes=8)
     deferred = plan(load_config(base + ["parallel.defer_grad_sync=true"]), nodes=8)
     assert default["layout"]["grad_accum_steps"] == 8 and default["layout"]["shard_size"] == 8
-    # Reduce-scattered every micro-batch: the fp32 shards; deferred: fp32 gradients of every parameter.
-    assert default["memory_gib"]["grads"] == pytest.approx(4 * n / 8 / 2**30, rel=0.01)
-    assert deferred["memory_gib"]["grads"] == pytest.approx(4 * n / 2**30, rel=0.01)
+    # Reduce-scattered every micro-batch: the fp32 shards; deferred: fp32 gradients of every
+    # parameter. Both plus one block's unsharded gradients when the peak falls in a block's backward.
+    assert default["memory_gib"]["grads"] == pytest.approx(4 * n / 8 / 2**30, rel=0.15)
+    assert deferred["memory_gib"]["grads"] == pytest.approx(4 * n / 2**30, rel=0.02)
     assert deferred["memory_per_gpu_gib"] - default["memory_per_gpu_gib"] > 20
