@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, validate
-from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
+from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.ops import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
@@ -90,6 +90,7 @@ def train(cfg, data=None) -> int:
     with torch.device("meta"):
         model = Transformer(args, norm)
     if d.is_main:
+        log.info("run directory: %s", run_dir.resolve())
         alphas = "" if norm.kind != "dyt" else (
             f"; alpha0 attn {norm.alpha_attn:.4g}, ffn {norm.alpha_ffn:.4g}, final {norm.alpha_final:.4g}"
         )
@@ -121,6 +122,7 @@ def train(cfg, data=None) -> int:
 
     metrics = MetricsLogger(str(run_dir), cfg, enabled=d.is_main, resumed_step=step)
     meter = Throughput(flops_per_token(args, cfg.train.seq_len), peak_flops(d.device, cfg.parallel.peak_tflops), d.world_size)
+    eta = Eta(step, total_steps)
     stop = StopRequest()
     batches = iter(data)
     bad_steps, data_wait = 0, 0.0
@@ -176,7 +178,7 @@ def train(cfg, data=None) -> int:
             if d.is_main and (step % cfg.logging.console_interval == 0 or step == total_steps):
                 mfu = f"{values['mfu']:.1%}" if values["mfu"] is not None else "n/a"
                 print(f"step {step:>6}/{total_steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
-                      f"grad {values['grad_norm']:.3f}  {values['tokens_per_s']:,.0f} tok/s  mfu {mfu}",
+                      f"grad {values['grad_norm']:.3f}  {values['tokens_per_s']:,.0f} tok/s  mfu {mfu}  ETA {eta.left(step)}",
                       flush=True)
 
         stopping = stop.agreed(d.device)
