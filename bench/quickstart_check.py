@@ -46,8 +46,8 @@ class Target:
         return f"{'PASS' if self.ok else 'FAIL'}  {self.name}: {self.value:.3f} (limit {self.limit:g}) {self.detail}"
 
 
-def step_losses(run_dir: Path) -> list[float]:
-    """The loss of every step 1..N from ``metrics.jsonl``; a missing step is an error (it would bias the means)."""
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Loss by step from a run's ``metrics.jsonl`` (the last record of a step logged twice)."""
     from fms_dyt.analysis.runs import read_metrics
 
     path = Path(run_dir) / "metrics.jsonl"
@@ -56,11 +56,17 @@ def step_losses(run_dir: Path) -> list[float]:
     by_step = {r["step"]: r["loss"] for r in read_metrics(path).records if isinstance(r.get("loss"), (int, float))}
     if not by_step:
         raise SystemExit(f"error: {path} has no loss records")
-    missing = [s for s in range(1, max(by_step) + 1) if s not in by_step]
+    return by_step
+
+
+def consecutive(by_step: dict[int, float], first: int, last: int, run_dir: Path) -> list[float]:
+    """The losses of steps ``first..last``; a missing step is an error (it would bias the means)."""
+    missing = [s for s in range(first, last + 1) if s not in by_step]
     if missing:
-        raise SystemExit(f"error: {path} lacks the loss of {len(missing)} step(s) (first: {missing[0]}); "
-                         "the check needs every step: train with logging.interval=1, as the quickstart does")
-    return [by_step[s] for s in range(1, max(by_step) + 1)]
+        raise SystemExit(f"error: {run_dir}/metrics.jsonl lacks the loss of {len(missing)} step(s) (first: "
+                         f"{missing[0]}); the check needs steps {first}-{last}: train with logging.interval=1, "
+                         "as the quickstart does")
+    return [by_step[s] for s in range(first, last + 1)]
 
 
 def moving_mean(losses: Sequence[float], window: int = WINDOW) -> list[float]:
@@ -135,11 +141,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("run_dyt", type=Path, help="run directory of the DyT quickstart")
     ap.add_argument("run_rms", type=Path, help="run directory of the same command with norm=rmsnorm")
     args = ap.parse_args(argv)
-    dyt, rms = step_losses(args.run_dyt), step_losses(args.run_rms)
-    if len(dyt) != len(rms):
-        print(f"error: the runs have {len(dyt)} and {len(rms)} steps; compare runs of the same command",
+    dyt_steps, rms_steps = step_losses(args.run_dyt), step_losses(args.run_rms)
+    last = max(dyt_steps)
+    if max(rms_steps) != last:
+        print(f"error: the runs end at steps {last} and {max(rms_steps)}; compare runs of the same command",
               file=sys.stderr)
         return 2
+    # Every DyT step counts (the rise); of the RMSNorm run only the final mean does.
+    dyt = consecutive(dyt_steps, 1, last, args.run_dyt)
+    rms = consecutive(rms_steps, last - WINDOW + 1, last, args.run_rms)
     saturated = saturation(args.run_dyt)
     print("saturated fraction (|αx| > 3) per DyT layer: "
           + ", ".join(f"{site} {frac:.3f}" for site, frac in saturated.items()))

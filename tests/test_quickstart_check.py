@@ -53,14 +53,16 @@ def test_targets_pass_and_fail_on_their_limits():
     assert "ffn/2" in bad[2].detail
 
 
-def test_step_losses_refuses_a_gap(tmp_path):
+def test_a_missing_step_is_refused_only_where_it_counts(tmp_path):
     write_metrics(tmp_path / "run", [7.0] * 30, skip={12})
-    with pytest.raises(SystemExit, match="lacks the loss of 1 step.*first: 12.*logging.interval=1"):
-        qc.step_losses(tmp_path / "run")
+    by_step = qc.step_losses(tmp_path / "run")
+    with pytest.raises(SystemExit, match="lacks the loss of 1 step.*first: 12.*steps 1-30.*logging.interval=1"):
+        qc.consecutive(by_step, 1, 30, tmp_path / "run")
+    assert qc.consecutive(by_step, 21, 30, tmp_path / "run") == [7.0] * 10  # an RMSNorm run's final mean
 
 
 def test_cli_reports_different_lengths(tmp_path, capsys):
     write_metrics(tmp_path / "dyt", [7.0] * 30)
     write_metrics(tmp_path / "rms", [7.0] * 40)
     assert qc.main([str(tmp_path / "dyt"), str(tmp_path / "rms")]) == 2
-    assert "30 and 40 steps" in capsys.readouterr().err
+    assert "end at steps 30 and 40" in capsys.readouterr().err
