@@ -154,6 +154,29 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class Eta:
+    """Time left to ``total`` steps, from the mean step time since this process started training."""
+
+    def __init__(self, start_step: int, total: int):
+        self.start_step, self.total, self.t0 = start_step, total, time.perf_counter()
+
+    def left(self, step: int) -> str:
+        done = step - self.start_step
+        if done <= 0:
+            return "?"
+        return format_duration((time.perf_counter() - self.t0) / done * (self.total - step))
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m07s`` or ``2h05m``: short enough for a progress line."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Throughput:
     """Tokens per second and MFU over the steps since the last call."""
 

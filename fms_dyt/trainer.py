@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
-from fms_dyt.metrics import MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
+from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
@@ -182,6 +182,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
 
     metrics = MetricsLogger(str(run_dir), cfg, enabled=d.is_main, resumed_step=step)
     meter = Throughput(flops_per_token(args, cfg.train.seq_len), peak_flops(d.device, cfg.parallel.peak_tflops), d.world_size)
+    eta = Eta(step, total_steps)
     batches = iter(data)
     bad_steps, data_wait = 0, 0.0
     if d.device.type == "cuda":
@@ -221,7 +222,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
             if d.is_main and (step % cfg.logging.console_interval == 0 or step == total_steps):
                 mfu = f"{values['mfu']:.1%}" if values["mfu"] is not None else "n/a"
                 print(f"step {step:>6}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                      f"grad {values['grad_norm']:.3f}  {values['tokens_per_s']:,.0f} tok/s  mfu {mfu}",
+                      f"grad {values['grad_norm']:.3f}  {values['tokens_per_s']:,.0f} tok/s  mfu {mfu}  ETA {eta.left(step)}",
                       flush=True)
 
         stopping = stop.agreed(d.device)
