@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from omegaconf import OmegaConf
@@ -95,6 +96,7 @@ def _weightless_sources(root):
     run = root / "run"
     step = run / "checkpoints" / "step_4"
     step.mkdir(parents=True)
+    dcp.save({}, checkpoint_id=str(step), no_dist=True)  # a valid DCP index of no tensors at all
     (step / "meta.json").write_text(json.dumps({"step": 4, "tokens_seen": 0, "world_size": 1}))
     (step / "config.yaml").write_text(OmegaConf.to_yaml(load_config(["model=tiny", "norm=dyt"]), resolve=True))
     exported = root / "exported"
