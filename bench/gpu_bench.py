@@ -142,7 +142,7 @@ def bench_memory() -> dict:
     sim = subprocess.run([sys.executable, "-m", "fms_dyt.plan", *CONFIGS["memory"], "--nodes", "1",
                           "--gpus-per-node", "1", "--simulate", "--json"],
                          capture_output=True, text=True, cwd=ROOT, check=True, timeout=600)
-    predicted = json.loads(sim.stdout)["simulated_peak_gib"]
+    predicted = json.loads(sim.stdout)["simulated_tensor_peak_gib"]  # tensors, as max_memory_allocated
     return {"max_memory_allocated_gib": round(measured, 3), "simulated_peak_gib": predicted,
             "simulated_over_measured": round(predicted / measured, 3)}
 

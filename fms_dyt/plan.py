@@ -389,8 +389,9 @@ def format_plan(p: dict) -> str:
         sim = p["simulated_gib"]
         lines.append(
             f"simulated peak of rank 0 ({p['simulated_steps']} steps on fake tensors, {p['simulated_wall_s']:.0f} s): "
-            f"{p['simulated_peak_gib']:.1f} GiB + overhead: params {sim['params']:.1f}, grads {sim['grads']:.1f}, "
-            f"optimizer {sim['optimizer']:.1f}, activations {sim['activations']:.1f}, comm {sim['comm']:.1f}"
+            f"{p['simulated_peak_gib']:.1f} GiB: params {sim['params']:.1f}, grads {sim['grads']:.1f}, "
+            f"optimizer {sim['optimizer']:.1f}, activations {sim['activations']:.1f}, comm {sim['comm']:.1f}, "
+            f"overhead {sim['overhead']:.1f} (assumed, as planned)"
         )
     lines.append(
         f"{p['flops_per_token']:.3g} FLOP per token; at MFU {p['mfu']:.2f}: "
@@ -450,16 +451,19 @@ def main(argv: list[str] | None = None) -> int:
     if ns.simulate:
         from fms_dyt.simulate import simulate
 
-        lo = p["layout"]
-        p.update(simulate(cfg, lo["nodes"], lo["gpus_per_node"]))
-        # Like with like: the simulator counts tensors only, not the planner's assumed overhead.
-        planned = p["memory_per_gpu_gib"] - p["memory_gib"]["overhead"]
-        p["plan_over_simulated"] = round(planned / p["simulated_peak_gib"], 3)
+        lo, overhead = p["layout"], p["memory_gib"]["overhead"]
+        sim = simulate(cfg, lo["nodes"], lo["gpus_per_node"])
+        # Fake tensors hold no CUDA context or NCCL buffers: the GPU's figure adds the planner's
+        # assumption for them, so both figures count the same things.
+        p.update(sim, simulated_tensor_peak_gib=sim["simulated_peak_gib"],
+                 simulated_peak_gib=round(sim["simulated_peak_gib"] + overhead, 3),
+                 simulated_gib={**sim["simulated_gib"], "overhead": overhead})
+        p["plan_over_simulated"] = round(p["memory_per_gpu_gib"] / p["simulated_peak_gib"], 3)
     print(json.dumps(p) if ns.json else format_plan(p))
     if ns.simulate:
-        needed = p["simulated_peak_gib"] + p["memory_gib"]["overhead"]
+        needed = p["simulated_peak_gib"]
         if needed > p["gpu_memory_gib"]:
-            print(f"fms_dyt.plan: does not fit: rank 0's simulated peak is {p['simulated_peak_gib']:.1f} GiB "
+            print(f"fms_dyt.plan: does not fit: rank 0's simulated peak is {p['simulated_tensor_peak_gib']:.1f} GiB "
                   f"(+ {p['memory_gib']['overhead']:.1f} GiB overhead = {needed:.1f} GiB), more than the "
                   f"{p['gpu_memory_gib']:.0f} GiB of one {p['layout']['gpu'].upper()}; use more GPUs, activation "
                   "checkpointing (parallel.activation_checkpointing) or a smaller train.micro_batch_size",

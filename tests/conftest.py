@@ -3,6 +3,7 @@ marker: tests marked ``gpu`` need a CUDA GPU; without one they are skipped, sayi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,20 @@ from types import SimpleNamespace
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- every test gets the environment back -----------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """``train()`` run in this process exports RANK, WORLD_SIZE and MASTER_PORT (a one-process
+    group): they must not reach the next test's ``train.py`` or torchrun subprocesses, which would
+    then join that group's rendezvous on a port already in use."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ---- a trained quickstart run, shared by the eval test files ---------------------------------

@@ -59,11 +59,13 @@ def test_simulated_peak_matches_a_real_cpu_run(variant, tmp_path):
     overrides = SMALL + VARIANTS[variant]
     simulated = _simulate(overrides)
     measured_gib = _measure(overrides, tmp_path) / 2**30
-    print(f"{variant}: simulated {simulated['simulated_peak_gib']:.3f} GiB, measured {measured_gib:.3f} GiB")
-    assert simulated["simulated_peak_gib"] == pytest.approx(measured_gib, rel=0.15), (simulated, measured_gib)
+    # A CPU has no CUDA context: the measured bytes compare with the simulated tensors alone.
+    print(f"{variant}: simulated {simulated['simulated_tensor_peak_gib']:.3f} GiB, measured {measured_gib:.3f} GiB")
+    assert simulated["simulated_tensor_peak_gib"] == pytest.approx(measured_gib, rel=0.15), (simulated, measured_gib)
     parts = simulated["simulated_gib"]
-    assert set(parts) == {"params", "grads", "optimizer", "activations", "comm"}
+    assert set(parts) == {"params", "grads", "optimizer", "activations", "comm", "overhead"}
     assert sum(parts.values()) == pytest.approx(simulated["simulated_peak_gib"], abs=0.01)
+    assert parts["overhead"] == simulated["memory_gib"]["overhead"]
     # AdamW's two fp32 moments of this rank's half of the parameters.
     assert parts["optimizer"] == pytest.approx(8 * simulated["n_params"] / 2 / 2**30, rel=0.01)
 
@@ -79,7 +81,9 @@ def test_gradients_stay_shard_sized_with_accumulation_unless_deferred():
     # Deferred: fp32 gradients of the whole model until the last micro-batch.
     assert deferred["simulated_gib"]["grads"] >= 4 * n / 2**30
     for p in (default, deferred):
-        assert p["memory_per_gpu_gib"] - p["memory_gib"]["overhead"] == pytest.approx(p["simulated_peak_gib"], rel=0.15)
+        # Like with like (at this size the 2 GiB overhead both figures add would hide any gap).
+        planned = p["memory_per_gpu_gib"] - p["memory_gib"]["overhead"]
+        assert planned == pytest.approx(p["simulated_tensor_peak_gib"], rel=0.15)
 
 
 def test_a_config_that_does_not_fit_fails_with_the_figures():
