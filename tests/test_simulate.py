@@ -88,8 +88,8 @@ def test_gradients_stay_shard_sized_with_accumulation_unless_deferred():
 
 def test_a_config_that_does_not_fit_fails_with_the_figures():
     out = subprocess.run(
-        [sys.executable, "-m", "fms_dyt.plan", "model=small", "train.seq_len=4096", "train.micro_batch_size=64",
-         "train.global_batch_tokens=262144", "train.max_steps=2", "--nodes", "1", "--gpus-per-node", "1",
+        [sys.executable, "-m", "fms_dyt.plan", "model=small", "train.seq_len=4096", "train.micro_batch_size=96",
+         "train.global_batch_tokens=393216", "train.max_steps=2", "--nodes", "1", "--gpus-per-node", "1",
          "--simulate", "--json"],
         capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT,
     )
