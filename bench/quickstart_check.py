@@ -116,7 +116,8 @@ def saturation(run_dir: Path, batch_size: int = 4) -> dict[str, float]:
     sites = list(norm_modules(transformer))
     with torch.no_grad():
         captures = capture_norm_io(transformer, tokens, sites, max_tokens=tokens.numel())
-    return {c.site: (c.alpha * c.x).abs().gt(SATURATION).float().mean().item() for c in captures}
+    return {c.site: (c.alpha * c.x).abs().gt(SATURATION).float().mean().item() for c in captures
+            if c.alpha is not None}  # DyT layers only (the final norm may be RMSNorm)
 
 
 def evaluate(dyt_losses: Sequence[float], rms_losses: Sequence[float],
