@@ -118,3 +118,12 @@ def test_analysis_labels_the_final_norm_and_draws_its_maps(run_dir, tmp_path):
     assert "1 / 1 / —" in report  # α₀ attention / FFN / final: the final norm has none
     assert any(name.startswith("norm_io_token") for name in result.figures)
     assert "alpha_depth.png" in result.figures  # α of the DyT blocks against depth, without a final α
+
+
+def test_quickstart_check_measures_saturation_at_the_dyt_layers_only(run_dir):
+    sys.path.insert(0, str(REPO / "bench"))
+    import quickstart_check
+
+    saturated = quickstart_check.saturation(run_dir, batch_size=1)
+    assert sorted(saturated) == ["attn/0", "attn/1", "ffn/0", "ffn/1"]  # not the RMSNorm final norm
+    assert all(0.0 <= fraction <= 1.0 for fraction in saturated.values())
