@@ -52,7 +52,8 @@ def test_a_dyt_final_norm_needs_its_alpha0_and_gets_none_under_rmsnorm():
 
     mixed = norm_args(load_config(["experiment=quickstart", "norm=rmsnorm", "norm.final=dyt", "norm.alpha_final=0.5"]))
     assert (mixed.alpha_attn, mixed.alpha_ffn, mixed.alpha_final) == (None, None, 0.5)
-    blocks = norm_args(load_config(["experiment=quickstart", "norm.alpha_final=0.5"]))  # final: rmsnorm
+    blocks = norm_args(load_config(["experiment=quickstart", "norm.final=rmsnorm", "norm.alpha_attn=null",
+                                    "norm.alpha_ffn=null", "norm.alpha_final=0.5"]))  # the table's α₀ at width 64
     assert (blocks.alpha_attn, blocks.alpha_ffn, blocks.alpha_final) == (1.0, 1.0, None)
 
 
