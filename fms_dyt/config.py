@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from fms_dyt.data.config import DataConfig, TokenizerConfig, validate_data
 from fms_dyt.errors import ConfigError  # noqa: F401  (fms_dyt.config.ConfigError for the CLIs)
 from fms_dyt.model import ModelArgs
-from fms_dyt.norms import NORMS, NormArgs, alpha_from_table
+from fms_dyt.norms import NORMS, SITES, NormArgs, alpha_from_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -31,6 +31,7 @@ class ModelConfig(ModelArgs):
 @dataclass
 class NormConfig:
     name: str = MISSING  # a key of fms_dyt.norms.NORMS
+    final: Optional[str] = None  # the final norm's kind (a key of NORMS); null: the same as `name`
     # α₀ per site; null takes the value from alpha_table for the model's width.
     alpha_attn: Optional[float] = None
     alpha_ffn: Optional[float] = None
@@ -138,18 +139,15 @@ def model_args(cfg: DictConfig) -> ModelArgs:
 def norm_args(cfg: DictConfig) -> NormArgs:
     """The norm settings with α₀ resolved per site (command-line values win over the table)."""
     n = cfg.norm
-    alphas = {"alpha_attn": None, "alpha_ffn": None, "alpha_final": None}
-    if n.name == "dyt":
-        attn, other = alpha_from_table(n.alpha_table, cfg.model.dim)
-        alphas = {
-            "alpha_attn": n.alpha_attn if n.alpha_attn is not None else attn,
-            "alpha_ffn": n.alpha_ffn if n.alpha_ffn is not None else other,
-            "alpha_final": n.alpha_final if n.alpha_final is not None else other,
-        }
-    return NormArgs(
-        kind=n.name, eps=cfg.model.norm_eps, beta=n.beta, embedding_scale=n.embedding_scale,
-        impl=n.impl, **alphas,
-    )
+    # get: the config.yaml of a checkpoint written before norm.final existed has no such key
+    args = NormArgs(kind=n.name, final=n.get("final"), eps=cfg.model.norm_eps, beta=n.beta,
+                    embedding_scale=n.embedding_scale, impl=n.impl)
+    dyt_sites = [site for site in SITES if args.kind_at(site) == "dyt"]  # α₀ only where DyT is
+    attn, other = alpha_from_table(n.alpha_table, cfg.model.dim) if dyt_sites and n.alpha_table else (None, None)
+    for site in dyt_sites:
+        given = n[f"alpha_{site}"]
+        setattr(args, f"alpha_{site}", given if given is not None else (attn if site == "attn" else other))
+    return args
 
 
 def schedule(cfg, world_size: int) -> tuple[int, int]:
@@ -267,12 +265,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key}={m[key]} must be positive")
     if cfg.norm.name not in NORMS:
         raise ConfigError(f"norm.name={cfg.norm.name!r} is unknown; choose one of {sorted(NORMS)}")
-    if cfg.norm.name == "dyt":
-        if not cfg.norm.alpha_table and None in (cfg.norm.alpha_attn, cfg.norm.alpha_ffn, cfg.norm.alpha_final):
-            raise ConfigError("norm.alpha_table is empty: give it rows [width, attn, other] or set every norm.alpha_*")
-        for site, value in vars(norm_args(cfg)).items():
-            if site.startswith("alpha_") and not value > 0:
-                raise ConfigError(f"norm.{site}={value} must be > 0 (DyT's α₀ scales tanh's input)")
+    if cfg.norm.final is not None and cfg.norm.final not in NORMS:
+        raise ConfigError(f"norm.final={cfg.norm.final!r} is unknown; choose one of {sorted(NORMS)} "
+                          "or null (the same kind as norm.name)")
+    for site, value in norm_args(cfg).alpha0().items():
+        if value is None:
+            raise ConfigError(f"norm.alpha_table is empty: give it rows [width, attn, other] or set norm.alpha_{site} "
+                              f"(the {site} norm is DyT)")
+        if not value > 0:
+            raise ConfigError(f"norm.alpha_{site}={value} must be > 0 (DyT's α₀ scales tanh's input)")
     t = cfg.train
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

@@ -106,9 +106,7 @@ def export(model, out: Path, fmt: str | None = None, tokenizer=None) -> str:
     Everything is written into a ``.<name>.partial`` directory beside ``out`` and renamed at the
     end, so a failed export leaves no ``out`` behind.
     """
-    norm = model.norm_args
-    expressible = norm.kind == "rmsnorm" and not norm.embedding_scale
-    fmt = fmt or ("llama" if expressible else "fms_dyt")
+    fmt = fmt or ("llama" if hf.llama_expressible(model.norm_args) else "fms_dyt")
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")

@@ -143,13 +143,18 @@ def llama_name(name: str) -> str:
     return f"{_TOP_NAMES[module]}.{leaf}"
 
 
+def llama_expressible(norm: NormArgs) -> bool:
+    """Whether plain ``LlamaForCausalLM`` can express the model: RMSNorm at every site, no embedding scalar."""
+    return norm.kinds() == {"rmsnorm"} and not norm.embedding_scale
+
+
 def require_llama_expressible(norm: NormArgs) -> None:
     """Refuse a model that plain ``LlamaForCausalLM`` cannot express (DyT, the embedding scalar)."""
-    if norm.kind != "rmsnorm" or norm.embedding_scale:
+    if not llama_expressible(norm):
         raise ValueError(
-            f"--format llama needs norm=rmsnorm without the embedding scalar (this model has "
-            f"norm={norm.kind}, embedding_scale={norm.embedding_scale}); plain LlamaForCausalLM "
-            "cannot express it. Export with --format fms_dyt instead."
+            f"--format llama needs norm=rmsnorm at every site without the embedding scalar (this model has "
+            f"norm={norm.kind}, norm.final={norm.kind_at('final')}, embedding_scale={norm.embedding_scale}); "
+            "plain LlamaForCausalLM cannot express it. Export with --format fms_dyt instead."
         )
 
 

@@ -25,7 +25,8 @@ class NormArgs:
     """A model's norm layers, with α₀ already resolved per site (``fms_dyt.config.norm_args``
     resolves it from the config, once). The fields are stored in exported ``config.json`` files."""
 
-    kind: str = "rmsnorm"
+    kind: str = "rmsnorm"  # the blocks' norm (attn and ffn sites)
+    final: Optional[str] = None  # the final norm's kind; None: the same as the blocks'
     eps: float = 1e-5
     alpha_attn: Optional[float] = None  # DyT only: α₀ of the norm before attention
     alpha_ffn: Optional[float] = None  # DyT only: α₀ of the norm before the FFN
@@ -33,6 +34,23 @@ class NormArgs:
     beta: bool = False  # DyT only: learnable shift (off for LLaMA, as in the paper)
     embedding_scale: bool = False  # learnable scalar on the embeddings, initialised to √dim
     impl: str = "fused"  # DyT only: "fused" (ops.dyt), "eager" (plain formula) or "liger"
+
+    def kind_at(self, site: str) -> str:
+        """The kind of norm at a site ("attn", "ffn" or "final")."""
+        return (self.final or self.kind) if site == "final" else self.kind
+
+    def kinds(self) -> set[str]:
+        """Every kind of norm in the model."""
+        return {self.kind_at(site) for site in SITES}
+
+    def description(self) -> str:
+        """The kind, with the final norm's when it differs: "dyt" or "dyt, final rmsnorm"."""
+        final = self.kind_at("final")
+        return self.kind if final == self.kind else f"{self.kind}, final {final}"
+
+    def alpha0(self) -> dict[str, float]:
+        """α₀ by site, for the DyT sites only."""
+        return {site: getattr(self, f"alpha_{site}") for site in SITES if self.kind_at(site) == "dyt"}
 
 
 class RMSNorm(nn.Module):
@@ -125,11 +143,13 @@ NORMS = {
 
 def build_norm(dim: int, site: str, args: NormArgs) -> nn.Module:
     """The norm layer for one site ("attn", "ffn" or "final") of a model of width ``dim``."""
-    if args.kind not in NORMS:
-        raise ValueError(f"norm={args.kind!r} is unknown; choose one of {sorted(NORMS)}")
     if site not in SITES:
         raise ValueError(f"norm site {site!r} is not one of {SITES}")
-    return NORMS[args.kind](dim, site, args)
+    kind = args.kind_at(site)
+    if kind not in NORMS:
+        key = "norm.final" if site == "final" and args.final else "norm"
+        raise ValueError(f"{key}={kind!r} is unknown; choose one of {sorted(NORMS)}")
+    return NORMS[kind](dim, site, args)
 
 
 def norm_sites(model: nn.Module) -> dict[str, nn.Module]:

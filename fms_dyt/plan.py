@@ -27,6 +27,7 @@ import sys
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -73,7 +74,7 @@ def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int) -> int:
 
 
 def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len: int,
-                     compute_bytes: int, checkpointed: list[bool]) -> dict[str, int]:
+                     compute_bytes: int, checkpointed: list[bool], final_kind: Optional[str] = None) -> dict[str, int]:
     """Activation memory of one micro-batch: what forward keeps for backward, the bytes alive at
     the two moments of backward where the step peaks, and the larger.
 
@@ -97,7 +98,8 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     if p != 4:
         saved += (L - n_ckpt) * 4 * seq_len * args.head_dim * p
     embedding_kept = p * d if norm_kind == "dyt" else 0
-    head = norm + p * d + p * args.vocab_size  # freed by the backward of the loss, norm and head
+    final_norm = _norm_saved_bytes(final_kind or norm_kind, d, p)
+    head = final_norm + p * d + p * args.vocab_size  # freed by the backward of the loss, norm and head
     saved += (embedding_kept + head) * tokens
     # Transients on top, at the two candidate peaks: the loss's backward (the logits' gradient,
     # beside the logits), or the last block's backward (two [ffn_dim] gradients alive at SwiGLU's
@@ -303,7 +305,8 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
     compute = _dtype_bytes("parallel.param_dtype", p_cfg.param_dtype)
     reduce = _dtype_bytes("parallel.reduce_dtype", p_cfg.reduce_dtype)
     ckpt = checkpointed_blocks(args.n_layers, p_cfg.activation_checkpointing, p_cfg.ac_fraction)
-    acts = activation_bytes(args, norm_args(cfg).kind, t.micro_batch_size, t.seq_len, compute, ckpt)
+    norm = norm_args(cfg)
+    acts = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len, compute, ckpt, norm.kind_at("final"))
     phases = memory_phases(n_params, _unit_params(model), shard, compute, reduce, accum,
                            p_cfg.defer_grad_sync, acts)
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
@@ -345,22 +348,22 @@ def plan(cfg, nodes: int | None = None, gpus_per_node: int | None = None, gpu: s
     with torch.device("meta"):
         model = Transformer(args, norm)
     parts = count_parameters(model)
-    alpha = None
-    if norm.kind == "dyt":
-        alpha = {"attn": norm.alpha_attn, "ffn": norm.alpha_ffn, "final": norm.alpha_final}
     default_nodes, default_gpus = default_layout(cfg)
     if gpus_per_node is None:
         gpus_per_node = default_gpus if nodes is None else GPUS_PER_NODE
     nodes = default_nodes if nodes is None else nodes
     return {
         "model": cfg.model.name,
-        "norm": norm.kind,
+        "norm": norm.description(),
         "n_params": parts["total"],
         "params_by_part": {k: v for k, v in parts.items() if k != "total"},
-        "alpha": alpha,
+        "alpha": norm.alpha0() or None,
         "embedding_scale": model.embedding_scale is not None,
         **cluster_plan(cfg, model, parts["total"], nodes, gpus_per_node, gpu, mfu, overhead_gib),
     }
+
+
+SITE_NAMES = {"attn": "attention", "ffn": "ffn", "final": "final"}
 
 
 def format_plan(p: dict) -> str:
@@ -368,8 +371,7 @@ def format_plan(p: dict) -> str:
     for part, n in p["params_by_part"].items():
         lines.append(f"  {part:<10} {n:>16,}")
     if p["alpha"]:
-        a = p["alpha"]
-        lines.append(f"alpha0: attention {a['attn']:.4g}, ffn {a['ffn']:.4g}, final {a['final']:.4g}")
+        lines.append("alpha0: " + ", ".join(f"{SITE_NAMES[site]} {a:.4g}" for site, a in p["alpha"].items()))
     lines.append(f"embedding scalar (init sqrt(dim)): {'on' if p['embedding_scale'] else 'off'}")
     lo = p["layout"]
     lines.append(
@@ -443,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         args, norm, t, par = model_args(cfg), norm_args(cfg), cfg.train, cfg.parallel
         dtype = config_dtype("parallel.param_dtype", par.param_dtype)
         ckpt = checkpointed_blocks(args.n_layers, par.activation_checkpointing, par.ac_fraction)
-        estimate = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len, _dtype_bytes("parallel.param_dtype", par.param_dtype), ckpt)
+        estimate = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len,
+                                    _dtype_bytes("parallel.param_dtype", par.param_dtype), ckpt, norm.kind_at("final"))
         measured = measure_activation_bytes(args, norm, t.micro_batch_size, t.seq_len, dtype, ckpt)
         p["activations_measured_cpu"] = {"plan_bytes": estimate["peak"], "measured_bytes": measured["peak"]}
         if not ns.json:

@@ -151,11 +151,10 @@ def _train(cfg, data, stop: StopRequest) -> int:
     mesh = build_mesh(cfg.parallel, d)
     model = build_model(cfg, d, mesh)
     if d.is_main:
-        alphas = "" if norm.kind != "dyt" else (
-            f"; alpha0 attn {norm.alpha_attn:.4g}, ffn {norm.alpha_ffn:.4g}, final {norm.alpha_final:.4g}"
-        )
+        alpha0 = norm.alpha0()
+        alphas = "; alpha0 " + ", ".join(f"{site} {a:.4g}" for site, a in alpha0.items()) if alpha0 else ""
         log.info("model %s, norm %s: %s parameters%s; embedding scalar %s; %d steps, %d micro-batches a step on %d ranks",
-                 cfg.model.name, norm.kind, f"{count_parameters(model)['total']:,}", alphas,
+                 cfg.model.name, norm.description(), f"{count_parameters(model)['total']:,}", alphas,
                  "on" if norm.embedding_scale else "off", total_steps, accum, d.world_size)
     optimizer = build_optimizer(model, cfg.optim)
     if data is None:

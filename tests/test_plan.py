@@ -143,3 +143,15 @@ def test_accumulation_keeps_shard_sized_gradients_unless_deferred():
     assert default["memory_gib"]["grads"] == pytest.approx(4 * n / 8 / 2**30, rel=0.15)
     assert deferred["memory_gib"]["grads"] == pytest.approx(4 * n / 2**30, rel=0.02)
     assert deferred["memory_per_gpu_gib"] - default["memory_per_gpu_gib"] > 20
+
+
+def test_param_count_and_alpha0_per_site_with_a_final_rmsnorm():
+    """DyT blocks with an RMSNorm final norm: one α fewer than all-DyT, and no final α₀ printed."""
+    p = plan(load_config(["experiment=llama7b_dyt", "norm.final=rmsnorm"]))
+    assert p["n_params"] == 6_738_415_616 + 2 * 32 + 1  # LLaMA-2 7B, one α per block norm, the scalar
+    assert p["n_params"] == plan(load_config(["experiment=llama7b_dyt"]))["n_params"] - 1
+    assert p["alpha"] == {"attn": 0.8, "ffn": 0.2} and p["norm"] == "dyt, final rmsnorm"
+    out = subprocess.run([sys.executable, "-m", "fms_dyt.plan", "norm=dyt", "norm.final=rmsnorm"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "norm dyt, final rmsnorm: 4,293,193 parameters" in out  # the tiny model
+    assert "alpha0: attention 1, ffn 1\n" in out

@@ -37,11 +37,24 @@ def test_train_py_refuses_with_exit_2_naming_the_key_and_creates_no_run_dir(tmp_
     ("parallel.replicas=0", "parallel.replicas"), ("parallel.param_dtype=fp8", "parallel.param_dtype"),
     ("train.resume=maybe", "train.resume"), ("seed=-1", "seed"), ("+optim.lr_max=1", "optim.lr_max"),
     ("+model.dimm=8", "model.dimm (did you mean model.dim?)"), ("+bogus=1", "bogus"),
+    ("norm.final=layernorm", "norm.final='layernorm'"), ("norm.alpha_attn=0", "norm.alpha_attn"),
 ])
 def test_each_bad_value_is_named(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(["experiment=quickstart", override])
     assert str(e.value).startswith(key) or f" {key}" in str(e.value), str(e.value)
+
+
+def test_a_dyt_final_norm_needs_its_alpha0_and_gets_none_under_rmsnorm():
+    with pytest.raises(ConfigError, match=r"set norm.alpha_final \(the final norm is DyT\)"):
+        load_config(["experiment=quickstart", "norm=rmsnorm", "norm.final=dyt"])
+    from fms_dyt.config import norm_args
+
+    mixed = norm_args(load_config(["experiment=quickstart", "norm=rmsnorm", "norm.final=dyt", "norm.alpha_final=0.5"]))
+    assert (mixed.alpha_attn, mixed.alpha_ffn, mixed.alpha_final) == (None, None, 0.5)
+    blocks = norm_args(load_config(["experiment=quickstart", "norm.final=rmsnorm", "norm.alpha_attn=null",
+                                    "norm.alpha_ffn=null", "norm.alpha_final=0.5"]))  # the table's α₀ at width 64
+    assert (blocks.alpha_attn, blocks.alpha_ffn, blocks.alpha_final) == (1.0, 1.0, None)
 
 
 def test_the_shipped_configurations_pass():

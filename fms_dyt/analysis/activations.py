@@ -112,16 +112,17 @@ def capture_norm_io(transformer: nn.Module, tokens: torch.Tensor, sites: list[st
 
 
 def checkpoint_alphas(transformer: nn.Module) -> Optional[dict]:
-    """α of every DyT layer (attn and ffn lists by depth, final) and the embedding scalar; None without DyT."""
+    """α of every DyT layer (attn and ffn lists by depth; final, None when the final norm has no α)
+    and the embedding scalar; None unless the blocks are DyT."""
     modules = norm_sites(transformer)
-    if not all(hasattr(m, "alpha") for m in modules.values()):
+    if not all(hasattr(m, "alpha") for site, m in modules.items() if site != "final"):
         return None
     n = len(transformer.layers)
-    scale = transformer.embedding_scale
+    scale, final = transformer.embedding_scale, getattr(modules["final"], "alpha", None)
     return {
         "attn": [modules[f"attn/{i}"].alpha.item() for i in range(n)],
         "ffn": [modules[f"ffn/{i}"].alpha.item() for i in range(n)],
-        "final": modules["final"].alpha.item(),
+        "final": final.item() if final is not None else None,
         "embedding_scale": scale.item() if scale is not None else None,
     }
 

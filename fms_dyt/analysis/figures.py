@@ -152,7 +152,8 @@ def alpha_training_figure(label: str, tokens_by_key: dict[str, tuple[np.ndarray,
                 if key in tokens_by_key:
                     t, v = tokens_by_key[key]
                     ax.plot(t / div, v, color=cmap(norm(i)), lw=1.4, gid="series")
-            ax.axhline(alpha0[site], color="grey", lw=1, ls=":", gid="reference", label=f"α₀ = {alpha0[site]:g}")
+            if alpha0[site] is not None:  # None: this site is not DyT (only the final norm is)
+                ax.axhline(alpha0[site], color="grey", lw=1, ls=":", gid="reference", label=f"α₀ = {alpha0[site]:g}")
             if site == "ffn" and "alpha/final" in tokens_by_key:
                 t, v = tokens_by_key["alpha/final"]
                 ax.plot(t / div, v, color="black", lw=2.2, ls="--", gid="series", label="final norm")
@@ -188,7 +189,7 @@ class DepthAlphas:
     color: tuple
     attn: list[float]
     ffn: list[float]
-    final: float
+    final: Optional[float]  # None when the final norm is not DyT
 
 
 def alpha_depth_figure(runs: Sequence[DepthAlphas]) -> Figure:
@@ -202,7 +203,8 @@ def alpha_depth_figure(runs: Sequence[DepthAlphas]) -> Figure:
             deepest = max(deepest, len(r.attn))
             ax.plot(depth, r.attn, color=r.color, marker="o", ms=5, lw=1.8, gid="series")
             ax.plot(depth, r.ffn, color=r.color, marker="s", ms=5, lw=1.8, ls="--", gid="series")
-            ax.plot([len(r.attn)], [r.final], color=r.color, marker="*", ms=14, ls="none", gid="series")
+            if r.final is not None:
+                ax.plot([len(r.attn)], [r.final], color=r.color, marker="*", ms=14, ls="none", gid="series")
         from matplotlib.lines import Line2D
 
         handles = [Line2D([], [], color=r.color, lw=3, label=r.label) for r in runs] + [

@@ -39,7 +39,7 @@ def runs_table(runs: Sequence[Run]) -> str:
         n = run.norm
         rows["norm"].append(norm_name(n))
         rows["α₀ (attention / FFN / final)"].append(
-            "—" if n.alpha_attn is None else f"{n.alpha_attn:g} / {n.alpha_ffn:g} / {n.alpha_final:g}")
+            " / ".join("—" if a is None else f"{a:g}" for a in (n.alpha_attn, n.alpha_ffn, n.alpha_final)))
         width = run.cfg.model.dim if run.cfg is not None else "?"
         rows["model (width × layers)"].append(f"{width} × {run.n_layers}")
         rows["checkpoint"].append("none" if run.checkpoint is None else

@@ -31,17 +31,19 @@ class AnalysisError(ValueError):
 
 
 def norm_name(norm: NormArgs) -> str:
-    return NORM_NAMES.get(norm.kind, norm.kind)
+    """"DyT", or "DyT, final RMSNorm" when the final norm is of another kind."""
+    name, final = (NORM_NAMES.get(k, k) for k in (norm.kind, norm.kind_at("final")))
+    return name if final == name else f"{name}, final {final}"
 
 
 def norm_label(norm: NormArgs) -> str:
     """The norm and its α₀ per site, for legends and titles."""
-    name = norm_name(norm)
-    if norm.alpha_attn is None:
-        return name
-    if norm.alpha_ffn == norm.alpha_final:
-        return f"{name} α₀ attn {norm.alpha_attn:g}, other {norm.alpha_ffn:g}"
-    return f"{name} α₀ attn {norm.alpha_attn:g}, ffn {norm.alpha_ffn:g}, final {norm.alpha_final:g}"
+    alpha0 = norm.alpha0()
+    if not alpha0:
+        return norm_name(norm)
+    if len(alpha0) == 3 and alpha0["ffn"] == alpha0["final"]:
+        return f"{norm_name(norm)} α₀ attn {alpha0['attn']:g}, other {alpha0['ffn']:g}"
+    return f"{norm_name(norm)} α₀ " + ", ".join(f"{site} {a:g}" for site, a in alpha0.items())
 
 
 @dataclass
@@ -109,7 +111,8 @@ class Run:
 
     @property
     def is_dyt(self) -> bool:
-        return self.norm.kind == "dyt"
+        """Whether any site is DyT."""
+        return "dyt" in self.norm.kinds()
 
 
 def load_run(path: str | Path) -> Run:
