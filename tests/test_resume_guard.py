@@ -61,7 +61,7 @@ def test_which_changes_a_resumed_run_may_make(tmp_path, caplog):
     with pytest.raises(ConfigError) as e:
         check_same_run(load_config([*same_run, "optim.lr=1e-3", "seed=1", "norm.alpha_attn=0.5"]), run_dir)
     message = str(e.value)
-    for line in ("optim.lr: 0.003 -> 0.001", "seed: 2023 -> 1", "norm.alpha_attn: None -> 0.5"):
+    for line in ("optim.lr: 0.003 -> 0.001", "seed: 2023 -> 1", "norm.alpha_attn: 4.0 -> 0.5"):
         assert line in message, message
     with caplog.at_level(logging.WARNING, logger="fms_dyt"):
         check_same_run(load_config([*same_run, "optim.lr=1e-3", "train.resume=force"]), run_dir)
