@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from fms_dyt.data import DataConfig, TokenizerConfig, build_dataloader
 from fms_dyt.data.config import as_config
 from fms_dyt.data.pipeline import PackedLoader
-from fms_dyt.data.sample import ensure_sample
+from fms_dyt.data.sample import MAX_DOCUMENT_CHARS, _pieces, ensure_sample
 from fms_dyt.data.scan import scan
 from fms_dyt.data.synthetic import BAD_ROWS, write_shards
 
@@ -109,3 +110,15 @@ def test_sample_corpus_is_built_offline_deterministic_and_in_pile_schema(tmp_pat
     inputs, _ = next(iter(loader))
     assert inputs.shape == (2, 63)
     loader.close()
+    longest = max(len(json.loads(line)["text"]) for line in zstandard.ZstdDecompressor().decompress(
+        (first / shards[0]).read_bytes(), max_output_size=1 << 30).decode().splitlines())
+    assert longest <= MAX_DOCUMENT_CHARS
+
+
+@pytest.mark.parametrize("text", ["", "short", "a\n\nb" * 400, "line\n" * 700, "x" * 2500, "p\n\n" + "y" * 1900 + "\nz"])
+def test_sample_sources_are_cut_into_short_pieces_that_join_back(text):
+    pieces = _pieces(text, limit=600)
+    assert "".join(pieces) == text
+    assert all(0 < len(p) <= 600 for p in pieces)
+    # cut at a blank line, else a line break, when the piece has one
+    assert all(p.endswith("\n\n") for p in pieces[:-1] if "\n\n" in p)

@@ -18,7 +18,7 @@ class DataConfig:
     # pile: a dataset streamed from the Hugging Face hub with `datasets`.
     name: str = "sample"
     # local: a directory, a file or a glob of .jsonl / .jsonl.zst / .parquet files.
-    # sample: where the corpus is built (default: $FMS_DYT_CACHE/sample or ~/.cache/fms_dyt/sample).
+    # sample: where the corpus is built (default: $FMS_DYT_CACHE/sample-v3 or ~/.cache/fms_dyt/sample-v3).
     path: Optional[str] = None
     hub_name: str = "monology/pile-uncopyrighted"  # pile: dataset name (or a builder such as "json")
     hub_split: str = "train"

@@ -5,7 +5,7 @@ Subsets (``meta.pile_set_name``): the Python standard library's modules, its tes
 docstrings gathered per module, the language reference shipped in ``pydoc_data``, and, where the
 system has them, English man pages and package documentation under /usr/share. The same machine
 always builds the same bytes (sorted inputs, fixed caps). Written to
-``$FMS_DYT_CACHE/sample`` (default ``~/.cache/fms_dyt/sample``) as 8 jsonl.zst shards plus
+``$FMS_DYT_CACHE/sample-v<VERSION>`` (default ``~/.cache/fms_dyt/sample-v3``) as 8 jsonl.zst shards plus
 ``manifest.json``; never part of the repository.
 """
 
@@ -28,10 +28,14 @@ from typing import Iterator, Optional
 
 from fms_dyt.data.tokenizer import cache_root
 
-VERSION = 2
+VERSION = 3
 NUM_SHARDS = 8
 _MB = 1 << 20
 CAPS = {"python-tests": 6 * _MB, "man-pages": 6 * _MB, "package-docs": 4 * _MB}  # bytes of text per subset
+# Longer sources are cut into documents of at most this many characters, at blank lines where
+# possible: a module of 100 kB would otherwise fill a data reader for dozens of steps, and a tiny
+# model's loss would follow that one file up and down (docs/quickstart.md).
+MAX_DOCUMENT_CHARS = 600
 _DOCSTRING = re.compile(r'(?:"""|\'\'\')(.*?)(?:"""|\'\'\')', re.S)
 _ROFF_ESCAPE = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)|\\\(..|\\\[[^\]]*\]|\\[&|^%:]")
 
@@ -135,16 +139,34 @@ SUBSETS = {
 }
 
 
+def _pieces(text: str, limit: int = MAX_DOCUMENT_CHARS) -> list[str]:
+    """``text`` cut into consecutive pieces of at most ``limit`` characters (joined they give it
+    back): at the last blank line before the limit, else the last line break, else at the limit."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind("\n\n", 0, limit) + 2
+        if cut < 2:
+            cut = text.rfind("\n", 0, limit) + 1
+        if cut < 1:
+            cut = limit
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces + [text] if text else pieces
+
+
 def _documents() -> Iterator[tuple[str, str, str]]:
-    """(subset, origin, text) in a fixed order; a capped subset ends before the document that
-    would pass its cap, and nothing after it is read."""
+    """(subset, origin, text) in a fixed order; a capped subset ends before the source that would
+    pass its cap, and nothing after it is read. Origins of a cut source end in ``#<piece>``."""
     for subset, documents in SUBSETS.items():
         size = 0
         for origin, text in documents():
             if size + len(text) > CAPS.get(subset, float("inf")):
                 break
             size += len(text)
-            yield subset, origin, text
+            pieces = _pieces(text)
+            for i, piece in enumerate(pieces):
+                if piece.strip():
+                    yield subset, origin if len(pieces) == 1 else f"{origin}#{i}", piece
 
 
 def build_sample(out: Path) -> dict:
@@ -174,7 +196,7 @@ def build_sample(out: Path) -> dict:
 
 
 def sample_dir(path: Optional[str] = None) -> Path:
-    return Path(path).expanduser() if path else cache_root() / "sample"
+    return Path(path).expanduser() if path else cache_root() / f"sample-v{VERSION}"  # versions side by side: checkouts share the cache
 
 
 def ensure_sample(path: Optional[str] = None) -> Path:
