@@ -47,6 +47,20 @@ def test_without_bos_and_the_pipeline_encoder():
     assert (enc.bos_id, enc.eos_id, enc.vocab_size) == (1, 2, 32000)
 
 
+def test_builtin_sample_tokenizer_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found by its name wherever the command runs
+    cfg = TokenizerConfig(path="sample-8k")
+    tok, enc = load_tokenizer(cfg), TextEncoder(cfg)
+    assert enc.vocab_size == len(tok) == 8000 and (enc.bos_id, enc.eos_id) == (1, 2)
+    texts = TRICKY + stdlib_texts(20)
+    assert tok(texts, add_special_tokens=False)["input_ids"] == enc.encode(texts)
+    # trained on code and docs: fewer tokens than the 32k default would suggest for its size
+    default = TextEncoder(TokenizerConfig())
+    assert sum(map(len, enc.encode(texts))) < 1.3 * sum(map(len, default.encode(texts)))
+    (tmp_path / "sample-8k").mkdir()  # the name always means the built-in, whatever the directory holds
+    assert TextEncoder(cfg).encode(texts) == enc.encode(texts)
+
+
 def test_bad_tokenizer_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.path"):
         load_tokenizer(TokenizerConfig(path=str(tmp_path / "missing")))

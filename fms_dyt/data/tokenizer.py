@@ -55,6 +55,16 @@ def default_model_file() -> Path:
     return path
 
 
+# Tokenizers that ship with fms-dyt, by the name ``tokenizer.path`` gives them; the name means the
+# built-in wherever the command runs (a run's config.yaml must mean the same thing on resume).
+BUILTIN = {
+    # 8,000 BPE pieces (LLaMA-2's trainer settings) trained by tokenizer/train_tokenizer.py on the
+    # sample corpus: a model of width 64 spends most of its time in the embedding and head, and a
+    # 32k vocabulary there is mostly pieces the sample corpus never uses.
+    "sample-8k": Path(__file__).parent / "tokenizers" / "sample-8k.model",
+}
+
+
 @dataclass
 class _Resolved:
     sp_model: Optional[Path]  # a SentencePiece model, when there is one
@@ -64,6 +74,8 @@ class _Resolved:
 def _resolve(cfg: TokenizerConfig) -> _Resolved:
     if cfg.path is None:
         return _Resolved(default_model_file(), None)
+    if cfg.path in BUILTIN:
+        return _Resolved(BUILTIN[cfg.path], None)
     path = Path(cfg.path).expanduser()
     if path.is_file():
         if path.suffix != ".model":
