@@ -12,6 +12,7 @@ import pytest
 import sentencepiece
 import torch
 
+from fms_dyt.analyze import analyze
 from fms_dyt.config import ConfigError, load_config
 from fms_dyt.data import DataConfig, TokenizerConfig
 from fms_dyt.data.holdout import HeldOut
@@ -117,7 +118,7 @@ def test_validation_path_reads_local_files_or_the_hub_dataset_file(shards, tmp_p
     assert local[0, :5].tolist() == ([sp.bos_id()] + sp.encode(first))[:5]
 
 
-def test_val_loss_every_interval_and_at_the_end_without_changing_training(tmp_path, capsys):
+def test_val_loss_every_interval_and_at_the_end_without_changing_training_and_analyzed(tmp_path, capsys):
     overrides = [*TINY, "train.max_steps=5", "logging.interval=3", "validation.tokens=160", "norm=rmsnorm"]
     train(load_config([*overrides, "validation.interval=2", f"run_dir={tmp_path / 'val'}"]))
     out = capsys.readouterr().out
@@ -130,6 +131,13 @@ def test_val_loss_every_interval_and_at_the_end_without_changing_training(tmp_pa
     assert f"val {vals[0]:.4f}" in out
     plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in plain] == [r["loss"] for r in records if r["step"] in (3, 5)]
+
+    # fms_dyt.analyze draws it and puts the last one in the runs table
+    result = analyze([tmp_path / "val", tmp_path / "plain"], tmp_path / "report", checkpoints=False)
+    top = result.figures["val_loss.png"].axes[0]
+    drawn = [c.get_offsets()[:, 1].tolist() for c in top.collections if c.get_gid() == "series"]
+    assert drawn == [vals]  # the run without validation has no curve
+    assert f"| final val/loss (step) | {vals[-1]:.3f} (5) | — |" in result.report.read_text()
 
 
 WORKER = """
