@@ -19,6 +19,7 @@ from fms_dyt.data.holdout import HeldOut
 from fms_dyt.data.pipeline import PackedLoader
 from fms_dyt.data.synthetic import write_shards
 from fms_dyt.data.tokenizer import default_model_file
+from fms_dyt.resume import defines_run
 from fms_dyt.trainer import main, train
 from fms_dyt.validation import build_validation, heldout_windows
 
@@ -173,6 +174,11 @@ def test_val_loss_is_bit_identical_on_one_and_two_ranks(tmp_path):
         results[nproc] = {line[3] for line in lines}
     assert len(results[2]) == 1  # every rank has the same number
     assert results[1] == results[2], results
+
+
+def test_a_resumed_run_may_change_what_it_validates_on_but_not_what_it_holds_out():
+    assert not any(map(defines_run, ("validation.interval", "validation.tokens", "data.validation_path")))
+    assert defines_run("data.holdout")  # the training documents
 
 
 @pytest.mark.parametrize("override, key", [
