@@ -5,6 +5,8 @@ written by ``python -m fms_dyt.export``. Writes PNG files and ``DIR/report.md`` 
 
 - ``loss.png``: training loss against tokens for every run (smoothed line, logged points faint),
   labelled by norm and α₀, and the difference of each run to the first one (paper Figure 7);
+- ``val_loss.png``: ``val/loss`` (held-out documents, the same for every run) against tokens, and
+  each run's difference to the first one, when the runs measured it (``validation.interval``);
 - ``alpha_<run>.png`` (DyT runs): α of every attention, FFN and final norm over training, and the
   learnable embedding scalar, from ``metrics.jsonl``;
 - ``alpha_depth.png`` (DyT runs): α against depth at the analysed checkpoint;
@@ -103,7 +105,7 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
     site_lists = {r.name: parse_sites(sites, r.n_layers) for r in runs}  # a bad --sites fails before any work
     result = Analysis(Path(out))
     result.out.mkdir(parents=True, exist_ok=True)
-    sections = [_loss_section(runs, result, smooth)]
+    sections = [_loss_section(runs, result, smooth), _val_loss_section(runs, result)]
 
     alpha_files = []
     for run in runs:
@@ -179,6 +181,24 @@ def _loss_section(runs: list[Run], result: Analysis, smooth: Optional[int]) -> s
         + ("The lower panel shows each smoothed curve minus the first run's, on the tokens both runs have."
            if len(curves) > 1 else ""),
         [("training loss against tokens", "loss.png")])
+
+
+def _val_loss_section(runs: list[Run], result: Analysis) -> str:
+    curves = []
+    for i, run in enumerate(runs):
+        tokens, losses = run.metrics.series("val/loss")
+        if tokens:
+            curves.append(F.Curve(run.label, F.run_color(i), np.asarray(tokens, float), np.asarray(losses, float)))
+    if not curves:
+        return ""
+    result.figures["val_loss.png"] = F.loss_figure(curves, 1, "validation loss",
+                                                   "Validation loss (val/loss) on the held-out documents")
+    return figure_section(
+        "Validation loss",
+        "`val/loss`: mean token cross-entropy on the same held-out windows for every run and world size "
+        "(`validation.tokens`, see docs/analysis.md), measured every `validation.interval` steps and at the end."
+        + (" The lower panel shows each run minus the first one." if len(curves) > 1 else ""),
+        [("validation loss against tokens", "val_loss.png")])
 
 
 def _checkpoint_figures(run: Run, result: Analysis, io_files: list, sites: list[str], *, batch, batch_size, seq_len,

@@ -106,6 +106,14 @@ class LoggingConfig:
 
 
 @dataclass
+class ValidationConfig:
+    # Steps between val/loss measurements (and at the last step); null: no validation. The
+    # documents: data.validation_path or the data.holdout slice (fms_dyt/validation.py).
+    interval: Optional[int] = None
+    tokens: int = 4_194_304  # validation tokens, in whole windows of train.seq_len + 1
+
+
+@dataclass
 class Config:
     run_dir: str = MISSING
     name: str = MISSING
@@ -119,6 +127,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 def register() -> None:
@@ -229,6 +238,9 @@ def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
         ("model.norm_eps", m.norm_eps, _positive, "> 0", False),
         ("model.rope_theta", m.rope_theta, _positive, "> 0", False),
         ("model.init_std", m.init_std, _positive, "> 0", False),
+        ("validation.interval", cfg.validation.interval, _at_least_1, ">= 1 (or null: no validation)", True),
+        ("validation.tokens", cfg.validation.tokens, lambda v: _number(v) and v >= t.seq_len + 1,
+         f">= train.seq_len + 1 = {t.seq_len + 1} (one window)", False),
     ]
     for key, value in (("train.global_batch_tokens", t.global_batch_tokens), ("train.micro_batch_size", t.micro_batch_size),
                        ("train.seq_len", t.seq_len), ("train.max_bad_steps", t.max_bad_steps),

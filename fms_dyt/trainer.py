@@ -30,6 +30,7 @@ from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize
 from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
+from fms_dyt.validation import build_validation
 
 log = logging.getLogger("fms_dyt")
 
@@ -140,6 +141,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
         if vocab > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer (tokenizer.path={cfg.tokenizer.path}) has {vocab} tokens but "
                               f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size to at least {vocab}")
+    validation = build_validation(cfg, d.rank, d.world_size, d.device)  # its data errors refuse here too
     check_same_run(cfg, run_dir)  # before anything is written: a refused run changes no file
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +211,8 @@ def _train(cfg, data, stop: StopRequest) -> int:
         tokens_seen += cfg.train.global_batch_tokens
         meter.add(cfg.train.global_batch_tokens)
 
-        if step % cfg.logging.interval == 0 or step == total_steps:
+        val_loss = validation.loss(model) if validation is not None and validation.due(step, total_steps) else None
+        if step % cfg.logging.interval == 0 or step == total_steps or val_loss is not None:
             loss, data_stats = global_stats(result.loss, data.stats(), d.device)
             values = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm.item(), "tokens_seen": tokens_seen,
                       **meter.read(), "step_time_s": time.perf_counter() - t_step,
@@ -217,10 +220,13 @@ def _train(cfg, data, stop: StopRequest) -> int:
                       **{f"data/{k}": v for k, v in data_stats.items()}, **norm_scalars(model)}
             data_wait = 0.0
             values["peak_memory_gib"] = peak_memory_gib(d.device)
+            if val_loss is not None:
+                values["val/loss"] = val_loss
             metrics.log(step, values)
-            if d.is_main and (step % cfg.logging.console_interval == 0 or step == total_steps):
+            if d.is_main and (step % cfg.logging.console_interval == 0 or step == total_steps or val_loss is not None):
                 mfu = f"{values['mfu']:.1%}" if values["mfu"] is not None else "n/a"
-                print(f"step {step:>6}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                val = f"  val {val_loss:.4f}" if val_loss is not None else ""
+                print(f"step {step:>6}/{total_steps}  loss {loss:.4f}{val}  lr {lr:.2e}  "
                       f"grad {values['grad_norm']:.3f}  {values['tokens_per_s']:,.0f} tok/s  mfu {mfu}  ETA {eta.left(step)}",
                       flush=True)
 

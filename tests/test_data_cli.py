@@ -33,7 +33,7 @@ def check(report, info, world_size):
 
 def test_scan_command_reports_every_document_once(shards):
     path, info = shards
-    run = cli("scan", "data=local", f"data.path={path}", "data.num_workers=2", "--world-size", "4", "--json")
+    run = cli("scan", "data=local", f"data.path={path}", "data.num_workers=2", "data.holdout=0", "--world-size", "4", "--json")
     assert run.returncode == 0, run.stderr
     check(json.loads(run.stdout), info, 4)
 
@@ -41,7 +41,7 @@ def test_scan_command_reports_every_document_once(shards):
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_scan_smaller_world_sizes(shards, capsys, world_size):
     path, info = shards
-    code = main(["scan", "data=local", f"data.path={path}", "data.num_workers=2", "--world-size", str(world_size),
+    code = main(["scan", "data=local", f"data.path={path}", "data.num_workers=2", "data.holdout=0", "--world-size", str(world_size),
                  "--json", "train.seq_len=128"])
     assert code == 0
     check(json.loads(capsys.readouterr().out), info, world_size)

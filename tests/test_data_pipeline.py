@@ -25,8 +25,9 @@ def shards(tmp_path_factory):
 
 
 def data_cfg(path, **overrides):
+    # holdout 0: these tests count every row of the files (tests/test_val_loss.py holds rows out)
     return DataConfig(**{"name": "local", "path": str(path), "num_workers": 2, "shuffle_buffer": 8,
-                         "num_logical_shards": 64, **overrides})
+                         "num_logical_shards": 64, "holdout": 0.0, **overrides})
 
 
 def make_loader(path, rank=0, world_size=1, **overrides):

@@ -45,7 +45,8 @@ def test_bad_rows_and_corrupt_shard_are_skipped_counted_and_logged(tmp_path, cap
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_other_formats(tmp_path, fmt):
     info = write_shards(tmp_path, files=2, rows=90, bad_rows=True, fmt=fmt)
-    report = scan(DataConfig(name="local", path=str(tmp_path / f"*.{fmt}"), num_workers=2, num_logical_shards=32),
+    report = scan(DataConfig(name="local", path=str(tmp_path / f"*.{fmt}"), num_workers=2, num_logical_shards=32,
+                             holdout=0),
                   TokenizerConfig(), world_size=2, **KW)
     assert report["documents_seen"] == report["documents_present"] == info["documents"] > 0
     assert report["duplicates"] == report["missing"] == 0
@@ -55,7 +56,7 @@ def test_other_formats(tmp_path, fmt):
 def test_hub_source_through_datasets_on_local_files(tmp_path):
     info = write_shards(tmp_path, files=3, rows=70, corrupt=True)
     cfg = DataConfig(name="pile", hub_name="json", hub_data_files=str(tmp_path / "*.jsonl.zst"), num_workers=2,
-                     num_logical_shards=32)
+                     num_logical_shards=32, holdout=0)
     loader = PackedLoader(cfg, TokenizerConfig(), rank=0, world_size=1, **KW)
     assert loader.plan.source.kind == "hub" and len(loader.plan.source.names) == 4
     report = scan(cfg, TokenizerConfig(), world_size=2, **KW)

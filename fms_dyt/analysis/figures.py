@@ -83,8 +83,9 @@ def _padded(lo: float, hi: float, pad: float = 0.05) -> tuple[float, float]:
     return lo - pad * span, hi + pad * span
 
 
-def loss_figure(curves: Sequence[Curve], window: Optional[int] = None) -> Figure:
-    """Training loss against tokens for every run; below, each run's smoothed loss minus the first run's."""
+def loss_figure(curves: Sequence[Curve], window: Optional[int] = None, quantity: str = "training loss",
+                title: str = "Training loss: smoothed (lines) and logged (points)") -> Figure:
+    """A loss (``quantity``) against tokens for every run; below, each run's smoothed loss minus the first run's."""
     with style():
         two = len(curves) > 1
         fig = Figure(figsize=(10, 7.5 if two else 5), layout="constrained")
@@ -103,8 +104,8 @@ def loss_figure(curves: Sequence[Curve], window: Optional[int] = None) -> Figure
             lows.append(tail.min())
             highs.append(tail.max())
         ax.set_ylim(*_padded(min(lows), max(highs)))
-        ax.set_ylabel("training loss (nats/token)")
-        ax.set_title("Training loss: smoothed (lines) and logged (points)")
+        ax.set_ylabel(f"{quantity} (nats/token)")
+        ax.set_title(title)
         ax.legend(loc="upper right")
         if two:
             _difference_panel(axes[1], curves, smoothed, div)

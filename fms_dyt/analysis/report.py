@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from fms_dyt.analysis.runs import EvalResult, Run, final_loss, norm_name, pick_eval
+from fms_dyt.analysis.runs import EvalResult, Run, final_loss, final_val_loss, norm_name, pick_eval
 
 FINAL_LOSS_RECORDS = 10
 
@@ -34,6 +34,7 @@ def runs_table(runs: Sequence[Run]) -> str:
     rows = {
         "norm": [], "α₀ (attention / FFN / final)": [], "model (width × layers)": [], "checkpoint": [],
         "logged steps": [], "tokens seen (last logged)": [], f"final loss (mean of last {FINAL_LOSS_RECORDS} logged)": [],
+        "final val/loss (step)": [],
     }
     for run in runs:
         n = run.norm
@@ -49,6 +50,8 @@ def runs_table(runs: Sequence[Run]) -> str:
         rows["tokens seen (last logged)"].append(_tokens(recs[-1].get("tokens_seen")) if recs else "—")
         rows[f"final loss (mean of last {FINAL_LOSS_RECORDS} logged)"].append(
             _fmt(final_loss(run.metrics, FINAL_LOSS_RECORDS)))
+        val = final_val_loss(run.metrics)
+        rows["final val/loss (step)"].append("—" if val is None else f"{val[1]:.3f} ({val[0]})")
     return _table(["", *(r.name for r in runs)], [[k, *v] for k, v in rows.items()])
 
 

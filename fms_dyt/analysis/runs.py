@@ -259,3 +259,12 @@ def final_loss(metrics: Metrics, last: int = 10) -> Optional[float]:
     _, losses = metrics.series("loss")
     tail = losses[-last:]
     return sum(tail) / len(tail) if tail else None
+
+
+def final_val_loss(metrics: Metrics) -> Optional[tuple[int, float]]:
+    """(step, val/loss) of the last record that measured it; None when the run never did."""
+    for r in reversed(metrics.records):
+        v = r.get("val/loss")
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return r["step"], v
+    return None

@@ -34,6 +34,13 @@ class DataConfig:
     # (0 drops the subset, 0.5 keeps a different half each epoch, 2 repeats it). Unlisted: 1.
     # On the command line: +data.weights.Github=0.5 or '++data.weights={Github: 0.5, Pile-CC: 2}'.
     weights: Dict[str, float] = field(default_factory=dict)
+    # Fraction of the rows held out for validation (val/loss), chosen by a hash of file name and
+    # row, the same for every seed; training never reads them. Changing it starts a new data order.
+    holdout: float = 0.01
+    # Validation documents from other files instead of a held-out slice (the Pile's val.jsonl.zst):
+    # local files for data=local/sample, a file of the hub dataset for data=pile. Set
+    # data.holdout=0 with it to train on every row.
+    validation_path: Optional[str] = None
 
 
 @dataclass
@@ -78,6 +85,9 @@ def validate_data(cfg: DataConfig) -> None:
     for key in ("prefetch", "num_logical_shards"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"data.{key}={getattr(cfg, key)} must be >= 1")
+    if not 0 <= cfg.holdout < 1:
+        raise ValueError(f"data.holdout={cfg.holdout} must be within [0, 1) (the fraction of rows held out "
+                         "for validation)")
     for subset, weight in (cfg.weights or {}).items():
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"data.weights[{subset!r}]={weight!r} must be a number >= 0")

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fms_dyt.data.config import DataConfig, TokenizerConfig, as_config
+from fms_dyt.data.holdout import HeldOut
 from fms_dyt.data.sources import ShardError, Source, make_source
 from fms_dyt.data.state import (END, VERSION, Layout, copies, decode_table, doc_key, encode_table,
                                 fresh_reader_state, pieces_per_file, redistribute, slot, with_current_names)
@@ -32,7 +33,7 @@ from fms_dyt.stop import ignore_in_worker
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("documents", "tokens", "skipped_rows", "skipped_files")
+COUNTERS = ("documents", "tokens", "skipped_rows", "skipped_files", "held_out")
 _TOKENIZE_AHEAD = 16  # documents encoded per tokenizer call
 _LOGGED_ROWS = 100  # bad rows logged at WARNING per reader; the rest at DEBUG (all are counted)
 _MAX_EMPTY_EPOCHS = 8
@@ -54,6 +55,7 @@ class Plan:
     micro_batch_size: int
     tokenizer: TokenizerConfig
     trace: bool = False  # also report which document every token came from (scan, tests)
+    held_out: Optional[HeldOut] = None  # rows kept for validation (holdout.py), never trained on
 
 
 class _Doc:
@@ -111,6 +113,9 @@ class Reader:
         n = copies(p.seed, self.epoch, f, row, p.weights.get(subset, 1.0)) if p.weights else 1
         return [_Doc(doc_key(p.seed, self.epoch, f, row, c), f, row, c, text, subset) for c in range(n)]
 
+    def _held_out(self, f: int, row: int) -> bool:
+        return self.p.held_out is not None and self.p.held_out(f, row)
+
     def _rebuild(self) -> list:
         """The saved block's documents not emitted yet, in emission order (read again quietly:
         their bad rows were counted when first read)."""
@@ -129,9 +134,9 @@ class Reader:
                 lo[k], hi[k], th[k] = int(self.block_start[i]), int(self.block_end[i]), int(threshold[i])
             stop = int(self.block_end[sel].max())
 
-            def want(row, lo=lo, hi=hi):
+            def want(row, lo=lo, hi=hi, f=f):
                 k = slot(row, K)
-                return lo[k] is not None and lo[k] <= row < hi[k]
+                return lo[k] is not None and lo[k] <= row < hi[k] and not self._held_out(f, row)
 
             try:
                 for row, text, subset in self.p.source.read(f, int(self.block_start[sel].min()), want,
@@ -165,6 +170,9 @@ class Reader:
             try:
                 for row, text, info in self.p.source.read(f, first, want):
                     self.pos = (j, row + 1)
+                    if self._held_out(f, row):  # a validation document, good or bad: not ours
+                        self.stats["held_out"] += 1
+                        continue
                     if text is None:
                         self._bad_row(f, row, info)
                         continue
@@ -345,9 +353,11 @@ class PackedLoader:
         self.data, self.world_size, self.rank, self.workers = data, world_size, rank, workers
         self.pin_memory = pin_memory
         self.plan = Plan(source, k, seed, readers, workers, rank, dict(data.weights or {}), max(1, data.shuffle_buffer),
-                         seq_len, micro_batch_size, tokenizer, trace)
+                         seq_len, micro_batch_size, tokenizer, trace, HeldOut(source.names, data.holdout))
+        # data.holdout changes which rows are trained on; 0 keeps the fingerprint of states saved before it
+        holdout = [data.holdout] if data.holdout else []
         self.fingerprint = hashlib.sha256(
-            json.dumps([VERSION, source.fingerprint(), k, seed]).encode()).hexdigest()[:16]
+            json.dumps([VERSION, source.fingerprint(), k, seed, *holdout]).encode()).hexdigest()[:16]
         self._readers = [fresh_reader_state() for _ in range(workers)]
         self._next = 0
         self._gen = None
@@ -407,8 +417,8 @@ class PackedLoader:
                                  "another fms-dyt version")
             if s["fingerprint"] != self.fingerprint:
                 raise ValueError(
-                    "the data state was saved for other data: the file list, data.num_logical_shards or the seed "
-                    "changed since the checkpoint. Restore them, or start the data order afresh in a new run_dir."
+                    "the data state was saved for other data: the file list, data.num_logical_shards, data.holdout or "
+                    "the seed changed since the checkpoint. Restore them, or start the data order afresh in a new run_dir."
                 )
         old_w, old_n = states[0]["world_size"], states[0]["num_workers"]
         ranks = sorted(s["rank"] for s in states)
@@ -430,7 +440,8 @@ class PackedLoader:
 
     def stats(self) -> dict:
         """Counters of this rank for the training metrics: documents and tokens emitted, bad rows
-        and files skipped (since the run began), and the epoch of its slowest worker."""
+        and files skipped, held-out rows passed over (since the run began), and the epoch of its
+        slowest worker."""
         out = {key: sum(r["stats"].get(key, 0) for r in self._readers) for key in COUNTERS}
         out["epoch"] = min(r["epoch"] for r in self._readers)
         return out
