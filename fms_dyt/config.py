@@ -66,6 +66,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: Optional[int] = None  # null: min(2000, steps / 20)
     min_lr_ratio: float = 0.1
+    # Parameter groups (fms_dyt.optim.build_optimizer); the defaults decay everything at the base lr.
+    decay_alpha_and_shift: bool = True  # weight decay on α of DyT/Derf and Derf's s
+    decay_norm_weights: bool = True  # on every norm's per-channel weights: γ, β of DyT/Derf, RMSNorm's weight
+    decay_embedding_scale: bool = True  # on the learnable embedding scalar
+    alpha_and_shift_lr_scale: float = 1.0  # lr of α and s = this x the scheduled lr
 
 
 @dataclass
@@ -222,6 +227,8 @@ def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
         ("optim.grad_clip", o.grad_clip, _positive, "> 0 (the largest gradient norm)", False),
         ("optim.warmup_steps", o.warmup_steps, _non_negative, ">= 0 (or null: min(2000, steps / 20))", True),
         ("optim.min_lr_ratio", o.min_lr_ratio, _fraction, "within [0, 1]", False),
+        ("optim.alpha_and_shift_lr_scale", o.alpha_and_shift_lr_scale, _positive,
+         "a finite number > 0 (the multiplier of the scheduled lr for α and s)", False),
         ("parallel.timeout_s", p.timeout_s, _positive, "> 0 seconds", False),
         ("parallel.replicas", p.replicas, _at_least_1, ">= 1 (or null: one per node)", True),
         ("parallel.peak_tflops", p.peak_tflops, _positive, "> 0 (or null)", True),
