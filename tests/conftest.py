@@ -47,6 +47,19 @@ def quickstart_run(tmp_path_factory) -> SimpleNamespace:
     return run
 
 
+# ---- a one-process gloo group -----------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of one rank (gloo) for code that calls collectives (e.g. the Checkpointer)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 # ---- a trained run: resumed, evaluated ------------------------------------------------------
 
 

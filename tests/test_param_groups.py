@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from fms_dyt.checkpoint import Checkpointer
 from fms_dyt.config import load_config, model_args, norm_args
@@ -97,13 +96,6 @@ def test_groups_train_at_their_lr_and_resume_with_identical_losses(tmp_path, res
     again = _records(resumed_copy(run_dir, STEPS, INTERVAL, _train))
     for step in range(INTERVAL + 1, STEPS + 1):
         assert again[step]["loss"] == pytest.approx(records[step]["loss"], rel=1e-5), step
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_one_group_checkpoint_loads_into_groups_with_its_moments(tmp_path, one_rank):
