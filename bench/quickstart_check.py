@@ -103,7 +103,7 @@ def saturation(run_dir: Path, batch_size: int = 4) -> dict[str, float]:
     from fms_dyt.analysis.activations import analysis_batch, capture_norm_io
     from fms_dyt.analysis.runs import load_run
     from fms_dyt.inference import load_for_inference
-    from fms_dyt.norms import norm_sites
+    from fms_dyt.norms import DyT, norm_sites
 
     run = load_run(run_dir)
     if not run.is_dyt or run.checkpoint is None:
@@ -114,7 +114,7 @@ def saturation(run_dir: Path, batch_size: int = 4) -> dict[str, float]:
         model, _, _ = load_for_inference(run.checkpoint)
     transformer = model.model
     tokens, _, _ = analysis_batch(run, "run", batch_size, None, transformer.args.vocab_size)
-    sites = [site for site, m in norm_sites(transformer).items() if hasattr(m, "alpha")]  # DyT only
+    sites = [site for site, m in norm_sites(transformer).items() if isinstance(m, DyT)]  # not Derf's (αx + s)
     with torch.no_grad():
         captures = capture_norm_io(transformer, tokens, sites, max_tokens=tokens.numel())
     return {c.site: (c.alpha * c.x).abs().gt(SATURATION).float().mean().item() for c in captures}

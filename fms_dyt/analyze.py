@@ -12,7 +12,7 @@ written by ``python -m fms_dyt.export``. Writes PNG files and ``DIR/report.md`` 
 - ``alpha_depth.png`` (DyT runs): α against depth at the analysed checkpoint;
 - ``norm_io_token_<run>.png`` and ``norm_io_channel_<run>.png``: each selected norm layer's input
   against its output before γ on a batch of the run's data, coloured by token and by channel
-  (paper Figures 2 and 4), with tanh(αx) drawn over DyT layers;
+  (paper Figures 2 and 4), with tanh(αx) drawn over DyT layers and erf(αx + s) over Derf layers;
 - a Table-4-style results table in the report when ``eval/zero_shot.py`` results sit in
   ``<run_dir>/eval/*.json`` (its default ``--output``).
 
@@ -109,20 +109,20 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
 
     alpha_files = []
     for run in runs:
-        series = _alpha_series(run) if run.is_dyt else {}
+        series = _alpha_series(run) if run.is_pointwise else {}
         if series:
             name = f"alpha_{_slug(run.name)}.png"
             result.figures[name] = _alpha_figure(run, series)
             alpha_files.append((f"α over training, {run.name}", name))
-        elif run.is_dyt:
-            result.notes.append(f"{run.name}: DyT run without α in metrics.jsonl: no α-over-training figure")
+        elif run.is_pointwise:
+            result.notes.append(f"{run.name}: point-wise norm run without α in metrics.jsonl: no α-over-training figure")
 
     depth, io_files, batches = [], [], []
     if checkpoints:
         for i, run in enumerate(runs):
             if run.checkpoint is None:
                 result.notes.append(f"{run.name}: no complete checkpoint: no input/output maps" +
-                                    (" and no α against depth" if run.is_dyt else ""))
+                                    (" and no α against depth" if run.is_pointwise else ""))
                 continue
             alphas, where = _checkpoint_figures(run, result, io_files, site_lists[run.name], batch=batch,
                                                 batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
@@ -138,13 +138,14 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
         alpha_files.append(("α against depth", "alpha_depth.png"))
     sections.append(figure_section(
         "Learned α and the embedding scalar",
-        "α is DyT's single learnable scalar per norm layer, y = γ · tanh(α x). Over training: one line per "
+        "α is the single learnable scalar per point-wise norm layer, y = γ · tanh(α x) (DyT) or "
+        "γ · erf(α x + s) + β (Derf). Over training: one line per "
         "layer, coloured by depth; dotted: α₀. Against depth: α at the analysed checkpoint.", alpha_files)
         if alpha_files else "")
     sections.append(figure_section(
         "Norm layers: input against output",
         "Each panel: one norm layer's input x against its output before the γ scale (x / RMS(x) for RMSNorm, "
-        "tanh(αx) for DyT), as in the paper's Figures 2 and 4. Grey: a random sample of all elements of "
+        "tanh(αx) for DyT, erf(αx + s) for Derf, with the function drawn), as in the paper's Figures 2 and 4. Grey: a random sample of all elements of "
         f"{max_tokens} random tokens of the batch. Coloured by token: every channel of four tokens spread over "
         "the range of their RMS (under RMSNorm each token is a straight line of slope 1/RMS). Coloured by channel: "
         "the three channels with the largest inputs and one median channel. The same tokens and channels are "

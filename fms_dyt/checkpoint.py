@@ -248,9 +248,12 @@ class Checkpointer:
         """Restore model, optimiser and RNG; returns meta with ``data_state`` (all ranks' states)."""
         meta = json.loads((path / "meta.json").read_text())
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        # The moments are read per parameter (by name); the parameter groups and their settings
+        # stay those of this config (fms_dyt.optim), so a checkpoint of another grouping loads too.
+        state = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict={"state": state["optim"]["state"], "param_groups": optim_sd["param_groups"]})
         rng = path / "rng" / f"rank_{self.rank}.pt"
         if meta["world_size"] == self.world and rng.is_file():
             _set_rng_state(torch.load(rng))

@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from fms_dyt.data.config import DataConfig, TokenizerConfig, validate_data
 from fms_dyt.errors import ConfigError  # noqa: F401  (fms_dyt.config.ConfigError for the CLIs)
 from fms_dyt.model import ModelArgs
-from fms_dyt.norms import NORMS, SITES, NormArgs, alpha_from_table
+from fms_dyt.norms import NORMS, NormArgs, alpha_from_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -38,6 +38,7 @@ class NormConfig:
     alpha_final: Optional[float] = None
     alpha_table: List[Any] = field(default_factory=list)  # rows [width, attention, other]
     beta: bool = False
+    shift0: float = 0.0  # Derf's initial s
     embedding_scale: bool = False
     impl: str = "fused"
 
@@ -65,6 +66,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: Optional[int] = None  # null: min(2000, steps / 20)
     min_lr_ratio: float = 0.1
+    # Parameter groups (fms_dyt.optim.build_optimizer); the defaults decay everything at the base lr.
+    decay_alpha_and_shift: bool = True  # weight decay on α of DyT/Derf and Derf's s
+    decay_norm_weights: bool = True  # on every norm's per-channel weights: γ, β of DyT/Derf, RMSNorm's weight
+    decay_embedding_scale: bool = True  # on the learnable embedding scalar
+    alpha_and_shift_lr_scale: float = 1.0  # lr of α and s = this x the scheduled lr
 
 
 @dataclass
@@ -148,12 +154,12 @@ def model_args(cfg: DictConfig) -> ModelArgs:
 def norm_args(cfg: DictConfig) -> NormArgs:
     """The norm settings with α₀ resolved per site (command-line values win over the table)."""
     n = cfg.norm
-    # get: the config.yaml of a checkpoint written before norm.final existed has no such key
+    # get: the config.yaml of a checkpoint written before norm.final (or shift0) existed has no such key
     args = NormArgs(kind=n.name, final=n.get("final"), eps=cfg.model.norm_eps, beta=n.beta,
-                    embedding_scale=n.embedding_scale, impl=n.impl)
-    dyt_sites = [site for site in SITES if args.kind_at(site) == "dyt"]  # α₀ only where DyT is
-    attn, other = alpha_from_table(n.alpha_table, cfg.model.dim) if dyt_sites and n.alpha_table else (None, None)
-    for site in dyt_sites:
+                    shift0=n.get("shift0", 0.0), embedding_scale=n.embedding_scale, impl=n.impl)
+    sites = args.pointwise_sites()  # α₀ only where a point-wise norm is
+    attn, other = alpha_from_table(n.alpha_table, cfg.model.dim) if sites and n.alpha_table else (None, None)
+    for site in sites:
         given = n[f"alpha_{site}"]
         setattr(args, f"alpha_{site}", given if given is not None else (attn if site == "attn" else other))
     return args
@@ -230,6 +236,8 @@ def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
         ("optim.grad_clip", o.grad_clip, _positive, "> 0 (the largest gradient norm)", False),
         ("optim.warmup_steps", o.warmup_steps, _non_negative, ">= 0 (or null: min(2000, steps / 20))", True),
         ("optim.min_lr_ratio", o.min_lr_ratio, _fraction, "within [0, 1]", False),
+        ("optim.alpha_and_shift_lr_scale", o.alpha_and_shift_lr_scale, _positive,
+         "a finite number > 0 (the multiplier of the scheduled lr for α and s)", False),
         ("parallel.timeout_s", p.timeout_s, _positive, "> 0 seconds", False),
         ("parallel.replicas", p.replicas, _at_least_1, ">= 1 (or null: one per node)", True),
         ("parallel.peak_tflops", p.peak_tflops, _positive, "> 0 (or null)", True),
@@ -280,12 +288,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.norm.final is not None and cfg.norm.final not in NORMS:
         raise ConfigError(f"norm.final={cfg.norm.final!r} is unknown; choose one of {sorted(NORMS)} "
                           "or null (the same kind as norm.name)")
-    for site, value in norm_args(cfg).alpha0().items():
+    kinds = norm_args(cfg)
+    for site, value in kinds.alpha0().items():
         if value is None:
             raise ConfigError(f"norm.alpha_table is empty: give it rows [width, attn, other] or set norm.alpha_{site} "
-                              f"(the {site} norm is DyT)")
+                              f"(the {site} norm is {kinds.kind_at(site)})")
         if not value > 0:
-            raise ConfigError(f"norm.alpha_{site}={value} must be > 0 (DyT's α₀ scales tanh's input)")
+            raise ConfigError(f"norm.alpha_{site}={value} must be > 0 (α₀ scales the input of the {site} norm's "
+                              f"{kinds.kind_at(site)} function)")
     t = cfg.train
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

@@ -149,7 +149,7 @@ def llama_expressible(norm: NormArgs) -> bool:
 
 
 def require_llama_expressible(norm: NormArgs) -> None:
-    """Refuse a model that plain ``LlamaForCausalLM`` cannot express (DyT, the embedding scalar)."""
+    """Refuse a model that plain ``LlamaForCausalLM`` cannot express (DyT, Derf, the embedding scalar)."""
     if not llama_expressible(norm):
         raise ValueError(
             f"--format llama needs norm=rmsnorm at every site without the embedding scalar (this model has "

@@ -137,9 +137,11 @@ def _start_wandb(run_dir: Path, cfg):
 
 
 def norm_scalars(model: torch.nn.Module) -> dict[str, float]:
-    """α of every DyT layer by site (``alpha/attn/<layer>``, ``alpha/ffn/<layer>``, ``alpha/final``)
-    and the embedding scalar (empty for RMSNorm)."""
-    params = {f"alpha/{site}": m.alpha for site, m in norm_sites(model).items() if hasattr(m, "alpha")}
+    """α of every point-wise norm layer by site (``alpha/attn/<layer>``, ``alpha/ffn/<layer>``,
+    ``alpha/final``), Derf's s alike (``shift/<site>``), and the embedding scalar (empty for RMSNorm)."""
+    params = {}
+    for site, m in norm_sites(model).items():
+        params.update({f"{name}/{site}": getattr(m, name) for name in ("alpha", "shift") if hasattr(m, name)})
     if getattr(model, "embedding_scale", None) is not None:
         params["embedding_scale"] = model.embedding_scale
     return {key: (p.full_tensor() if hasattr(p, "full_tensor") else p).item() for key, p in params.items()}

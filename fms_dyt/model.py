@@ -193,7 +193,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             part = "attention"
         elif ".feed_forward." in name:
             part = "ffn"
-        elif name == "embedding_scale" or name.endswith(".alpha"):
+        elif name == "embedding_scale" or name.endswith((".alpha", ".shift")):
             part = "scalars"
         else:
             part = "norms"

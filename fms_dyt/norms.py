@@ -28,10 +28,11 @@ class NormArgs:
     kind: str = "rmsnorm"  # the blocks' norm (attn and ffn sites)
     final: Optional[str] = None  # the final norm's kind; None: the same as the blocks'
     eps: float = 1e-5
-    alpha_attn: Optional[float] = None  # DyT only: α₀ of the norm before attention
-    alpha_ffn: Optional[float] = None  # DyT only: α₀ of the norm before the FFN
-    alpha_final: Optional[float] = None  # DyT only: α₀ of the final norm
-    beta: bool = False  # DyT only: learnable shift (off for LLaMA, as in the paper)
+    alpha_attn: Optional[float] = None  # point-wise norms only: α₀ of the norm before attention
+    alpha_ffn: Optional[float] = None  # point-wise norms only: α₀ of the norm before the FFN
+    alpha_final: Optional[float] = None  # point-wise norms only: α₀ of the final norm
+    beta: bool = False  # DyT only: learnable shift (off for LLaMA, as in the paper); Derf always has one
+    shift0: float = 0.0  # Derf only: initial value of s, the learnable scalar inside erf
     embedding_scale: bool = False  # learnable scalar on the embeddings, initialised to √dim
     impl: str = "fused"  # DyT only: "fused" (ops.dyt), "eager" (plain formula) or "liger"
 
@@ -49,8 +50,12 @@ class NormArgs:
         return self.kind if final == self.kind else f"{self.kind}, final {final}"
 
     def alpha0(self) -> dict[str, float]:
-        """α₀ by site, for the DyT sites only."""
-        return {site: getattr(self, f"alpha_{site}") for site in SITES if self.kind_at(site) == "dyt"}
+        """α₀ by site, for the point-wise sites only (DyT, Derf)."""
+        return {site: getattr(self, f"alpha_{site}") for site in self.pointwise_sites()}
+
+    def pointwise_sites(self) -> list[str]:
+        """The sites whose norm is point-wise (a kind in POINTWISE), in SITES order."""
+        return [site for site in SITES if self.kind_at(site) in POINTWISE]
 
 
 class RMSNorm(nn.Module):
@@ -82,6 +87,9 @@ class RMSNorm(nn.Module):
 class DyT(nn.Module):
     """Dynamic Tanh: y = weight · tanh(α·x) (+ bias), with α one learnable scalar per layer."""
 
+    formula = "tanh(αx)"  # normalize(x), as figures label it
+    saturated_above = 2.0  # |α·x| where tanh' = 1 - tanh² has fallen to 7% of its peak (1 - tanh(2)² ≈ 0.0707)
+
     def __init__(self, dim: int, alpha0: float, beta: bool = False, impl: str = "fused", site: Optional[str] = None):
         super().__init__()
         if impl not in DYT_IMPLS:
@@ -92,9 +100,13 @@ class DyT(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim)) if beta else None
         self.reset_parameters()
 
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """α·x: the argument of tanh."""
+        return self.alpha.to(x.dtype) * x
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """tanh(α·x): the squashed input, before the learnable scale."""
-        return torch.tanh(self.alpha.to(x.dtype) * x)
+        return torch.tanh(self.preactivation(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DYT_IMPLS[self.impl](x, self.alpha, self.weight, self.bias)
@@ -106,6 +118,51 @@ class DyT(nn.Module):
         if self.bias is not None:
             state["bias"] = torch.zeros(self.bias.shape, device=device)
         return state
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _load_initial_state(self)
+
+
+# erf'(z) = 2/√π · exp(-z²), so its derivative falls to tanh's 7% (the fraction at |z| = 2, above)
+# where exp(-z²) = 1 - tanh(2)², i.e. at |z| = √(-ln(1 - tanh(2)²)) ≈ 1.628.
+_ERF_SATURATED_ABOVE = math.sqrt(-math.log(1 - math.tanh(DyT.saturated_above) ** 2))
+
+
+class Derf(nn.Module):
+    """Dynamic erf: y = weight · erf(α·x + s) + bias ("Stronger Normalization-Free Transformers",
+    arXiv 2512.10938), with α and s one learnable scalar each per layer, weight (γ) ones and bias
+    (β) zeros per channel. Computed with plain PyTorch ops (autograd keeps x, α·x + s and the erf)."""
+
+    formula = "erf(αx + s)"
+    saturated_above = _ERF_SATURATED_ABOVE
+
+    def __init__(self, dim: int, alpha0: float, shift0: float = 0.0, site: Optional[str] = None):
+        super().__init__()
+        self.alpha0, self.shift0, self.site = float(alpha0), float(shift0), site
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.shift = nn.Parameter(torch.empty(1))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """α·x + s: the argument of erf."""
+        return self.alpha.to(x.dtype) * x + self.shift.to(x.dtype)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """erf(α·x + s): the squashed input, before the learnable scale and shift."""
+        return torch.erf(self.preactivation(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight * self.normalize(x) + self.bias).to(x.dtype)
+
+    def initial_state(self, device=None) -> dict[str, torch.Tensor]:
+        """The initial value of every parameter, by name (fp32): α₀, s₀, ones, zeros."""
+        return {"alpha": torch.full((1,), self.alpha0, device=device),
+                "shift": torch.full((1,), self.shift0, device=device),
+                "weight": torch.ones(self.weight.shape, device=device),
+                "bias": torch.zeros(self.bias.shape, device=device)}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -138,7 +195,11 @@ DYT_IMPLS = {"fused": dyt, "eager": _dyt_eager, "liger": _dyt_liger}
 NORMS = {
     "rmsnorm": lambda dim, site, a: RMSNorm(dim, a.eps, site=site),
     "dyt": lambda dim, site, a: DyT(dim, getattr(a, f"alpha_{site}"), a.beta, a.impl, site=site),
+    "derf": lambda dim, site, a: Derf(dim, getattr(a, f"alpha_{site}"), a.shift0, site=site),
 }
+# The point-wise kinds: a learnable α per layer whose α₀ is resolved per site (norm.alpha_<site> or
+# the width table), and the telemetry interface preactivation(x) / saturated_above.
+POINTWISE = {"dyt", "derf"}
 
 
 def build_norm(dim: int, site: str, args: NormArgs) -> nn.Module:

@@ -10,14 +10,54 @@ import math
 import torch
 
 
+def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, str]]:
+    """Every trainable parameter as (name, parameter, role), in ``named_parameters`` order. Roles:
+    ``alpha_and_shift`` (α of DyT/Derf, Derf's s), ``norm_weights`` (every other parameter of a
+    norm layer: γ, β, RMSNorm's weight), ``embedding_scale`` and ``other`` (matrices, embeddings).
+
+    Norm layers are found by their ``site`` attribute and parameters by identity, so the roles do
+    not depend on the names wrappers add (FSDP2 DTensors, activation checkpointing, compile)."""
+    role_of = {}
+    for module in model.modules():
+        if getattr(module, "site", None) is not None:  # a norm layer (fms_dyt.norms)
+            for leaf, p in module.named_parameters(recurse=False):
+                role_of[id(p)] = "alpha_and_shift" if leaf in ("alpha", "shift") else "norm_weights"
+    scale = getattr(model, "embedding_scale", None)
+    if scale is not None:
+        role_of[id(scale)] = "embedding_scale"
+    return [(name, p, role_of.get(id(p), "other")) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def parameter_groups(model: torch.nn.Module, cfg_optim) -> list[dict]:
+    """AdamW parameter groups from the ``optim`` switches: one group per distinct (weight decay, lr
+    scale), in parameter order, so the default config (everything decays at the base lr) makes
+    the one group it made before the switches existed. ``lr_scale`` is the group's multiple of the
+    scheduled lr (the trainer sets ``lr = scheduled lr x lr_scale`` every step)."""
+    wd = cfg_optim.weight_decay
+    settings = {
+        "alpha_and_shift": (wd if cfg_optim.decay_alpha_and_shift else 0.0, cfg_optim.alpha_and_shift_lr_scale),
+        "norm_weights": (wd if cfg_optim.decay_norm_weights else 0.0, 1.0),
+        "embedding_scale": (wd if cfg_optim.decay_embedding_scale else 0.0, 1.0),
+        "other": (wd, 1.0),
+    }
+    groups: dict[tuple[float, float], dict] = {}
+    for _, p, role in parameter_roles(model):
+        decay, lr_scale = settings[role]
+        group = groups.setdefault((decay, lr_scale), {"params": [], "weight_decay": decay, "lr_scale": lr_scale,
+                                                      "lr": cfg_optim.lr * lr_scale})
+        group["params"].append(p)
+    return list(groups.values())
+
+
 def build_optimizer(model: torch.nn.Module, cfg_optim) -> torch.optim.Optimizer:
-    # Every parameter decays, α and the embedding scalar included, as in the reference recipe.
-    params = [p for p in model.parameters() if p.requires_grad]
+    # By default every parameter decays, α and the embedding scalar included, as in the reference
+    # recipe; the optim.decay_* and optim.alpha_and_shift_lr_scale switches change that.
+    groups = parameter_groups(model, cfg_optim)
     # Fused AdamW (one kernel for all parameters) runs on CUDA and CPU; on CPU it is ~4x faster
     # than foreach (bench/run.py).
-    fused = all(p.device.type in ("cuda", "cpu") for p in params)
+    fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
     return torch.optim.AdamW(
-        params, lr=cfg_optim.lr, betas=tuple(cfg_optim.betas), eps=cfg_optim.eps,
+        groups, lr=cfg_optim.lr, betas=tuple(cfg_optim.betas), eps=cfg_optim.eps,
         weight_decay=cfg_optim.weight_decay, fused=fused or None, foreach=None if fused else True,
     )
 

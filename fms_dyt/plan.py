@@ -37,6 +37,7 @@ from fms_dyt.config import ConfigError, load_config, model_args, norm_args, sche
 from fms_dyt.errors import config_dtype
 from fms_dyt.metrics import PEAK_FLOPS, flops_per_token
 from fms_dyt.model import ModelArgs, Transformer, count_parameters
+from fms_dyt.norms import POINTWISE
 from fms_dyt.loss import cross_entropy
 
 GIB = 2**30
@@ -69,6 +70,8 @@ def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int) -> int:
     """Bytes per token one norm layer keeps for backward."""
     if kind == "dyt":
         return compute_bytes * dim  # the fused op keeps its input only
+    if kind == "derf":
+        return 3 * compute_bytes * dim  # plain ops: autograd keeps x, α·x + s and erf(α·x + s)
     # RMSNorm: the fp32 copy of x (x itself in fp32), the normalised x before the weight, 1/rms.
     return 4 * dim + compute_bytes * dim + 4
 
@@ -97,7 +100,7 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     # RoPE tables cast to the compute dtype, 4 per kept block, shared by the micro-batch.
     if p != 4:
         saved += (L - n_ckpt) * 4 * seq_len * args.head_dim * p
-    embedding_kept = p * d if norm_kind == "dyt" else 0
+    embedding_kept = p * d if norm_kind in POINTWISE else 0  # their configs have the embedding scalar
     final_norm = _norm_saved_bytes(final_kind or norm_kind, d, p)
     head = final_norm + p * d + p * args.vocab_size  # freed by the backward of the loss, norm and head
     saved += (embedding_kept + head) * tokens

@@ -194,7 +194,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
         t_step = time.perf_counter()
         lr = lr_at(step, total_steps, cfg.optim)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # optim.alpha_and_shift_lr_scale (fms_dyt.optim)
         result = train_step(model, optimizer, batches, accum, cfg.optim.grad_clip, d.device,
                             defer_grad_sync=cfg.parallel.defer_grad_sync, hybrid=cfg.parallel.sharding != "full")
         data_wait += result.data_wait_s

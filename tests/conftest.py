@@ -3,6 +3,7 @@ marker: tests marked ``gpu`` need a CUDA GPU; without one they are skipped, sayi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,80 @@ def quickstart_run(tmp_path_factory) -> SimpleNamespace:
             cwd=REPO, timeout=600, capture_output=True, text=True,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return run
+
+
+# ---- a one-process gloo group -----------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of one rank (gloo) for code that calls collectives (e.g. the Checkpointer)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+# ---- a trained run: resumed, evaluated ------------------------------------------------------
+
+
+@pytest.fixture
+def resumed_copy(tmp_path):
+    """``resume(run_dir, last_step, resume_step, train) -> copy``: a copy of a finished run without
+    its checkpoint at ``last_step``, trained again by ``train(copy)`` (a ``subprocess.run``
+    result), which must resume from ``resume_step``."""
+    def resume(run_dir: Path, last_step: int, resume_step: int, train) -> Path:
+        copy = tmp_path / "resumed"
+        subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+        subprocess.run(["rm", "-r", str(copy / "checkpoints" / f"step_{last_step}")], check=True)
+        done = train(copy)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert f"(step {resume_step}," in done.stdout + done.stderr  # "resumed from …/step_2 (step 2, …"
+        return copy
+    return resume
+
+
+@pytest.fixture
+def exported_fms_dyt(tmp_path, capsys):
+    """``export(run_dir, refusal) -> (config.json, exported model)``: ``--format llama`` must exit 2
+    with ``refusal`` in its message and write nothing; the default format (fms_dyt) must load with
+    remote code and give the logits of the trained model within 1e-4."""
+    def export(run_dir: Path, refusal: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from fms_dyt.export import main as export_main
+        from fms_dyt.inference import load_for_inference
+
+        out, llama = tmp_path / "exported", tmp_path / "llama"
+        assert export_main([str(run_dir), str(llama), "--format", "llama"]) == 2
+        assert refusal in capsys.readouterr().err and not llama.exists()
+        assert export_main([str(run_dir), str(out)]) == 0  # the default format: fms_dyt
+        ours, _, _ = load_for_inference(run_dir)
+        theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        tokens = torch.randint(0, 32000, (2, 17), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.allclose(ours(tokens).logits, theirs(tokens).logits, atol=1e-4, rtol=0)
+        return json.loads((out / "config.json").read_text()), theirs
+    return export
+
+
+@pytest.fixture
+def tiny_zero_shot(tmp_path):
+    """``run(source) -> report``: eval/zero_shot.py on the bundled tiny_arc_easy task, offline."""
+    def run(source: Path) -> dict:
+        report = tmp_path / "zero_shot.json"
+        done = subprocess.run(
+            [sys.executable, "eval/zero_shot.py", str(source), "--include-path", str(REPO / "tests" / "data" / "eval_tasks"),
+             "--tasks", "tiny_arc_easy", "--batch-size", "4", "--output", str(report)],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        result = json.loads(report.read_text())
+        assert "tiny_arc_easy" in result["lm_eval_results"]
+        return result
     return run
 
 

@@ -5,20 +5,11 @@ import json
 import shutil
 import threading
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from fms_dyt import checkpoint
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import load_config
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _complete(root, step):

@@ -4,25 +4,19 @@ evaluation and analysis."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from fms_dyt import hf
 from fms_dyt.analyze import analyze
-from fms_dyt.export import main as export_main
-from fms_dyt.inference import load_for_inference
 from fms_dyt.metrics import norm_scalars
 from fms_dyt.model import ModelArgs, Transformer
 from fms_dyt.norms import DyT, NormArgs, RMSNorm
 
 REPO = Path(__file__).resolve().parent.parent
-TASK_DATA = REPO / "tests" / "data" / "eval_tasks"
 STEPS, INTERVAL = 4, 2
 TRAIN = ["model=tiny", "model.n_layers=2", "norm=dyt", "norm.final=rmsnorm", "data=sample", "data.num_workers=1",
          "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_tokens=128", f"train.max_steps={STEPS}",
@@ -61,18 +55,12 @@ def test_blocks_and_final_norm_are_built_per_site():
     assert not hf.llama_expressible(NormArgs(kind="dyt", final="rmsnorm"))
 
 
-def test_trains_and_resumes_with_the_losses_of_an_uninterrupted_run(run_dir, tmp_path):
+def test_trains_and_resumes_with_the_losses_of_an_uninterrupted_run(run_dir, resumed_copy):
     uninterrupted = _losses(run_dir)
     assert sorted(uninterrupted) == list(range(1, STEPS + 1))
     assert uninterrupted[STEPS] < uninterrupted[1]
     # Stopped after its first checkpoint: a copy of the run without the last checkpoint and steps.
-    resumed = tmp_path / "resumed"
-    subprocess.run(["cp", "-r", str(run_dir), str(resumed)], check=True)
-    subprocess.run(["rm", "-r", str(resumed / "checkpoints" / f"step_{STEPS}")], check=True)
-    done = _train(resumed)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"(step {INTERVAL}," in done.stdout + done.stderr  # "resumed from …/step_2 (step 2, …"
-    again = _losses(resumed)
+    again = _losses(resumed_copy(run_dir, STEPS, INTERVAL, _train))
     for step in range(INTERVAL + 1, STEPS + 1):
         assert again[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
 
@@ -85,30 +73,14 @@ def test_the_resume_guard_refuses_another_final_norm(run_dir):
     assert (run_dir / "config.yaml").read_text() == before
 
 
-def test_export_loads_with_remote_code_and_gives_the_same_logits(run_dir, tmp_path, capsys):
-    out = tmp_path / "exported"
-    assert export_main([str(run_dir), str(tmp_path / "llama"), "--format", "llama"]) == 2
-    assert "norm.final=rmsnorm" in capsys.readouterr().err and not (tmp_path / "llama").exists()
-    assert export_main([str(run_dir), str(out)]) == 0  # the default format: fms_dyt
-    assert json.loads((out / "config.json").read_text())["norm"]["final"] == "rmsnorm"
-    ours, _, _ = load_for_inference(run_dir)
-    theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+def test_export_loads_with_remote_code_and_gives_the_same_logits(run_dir, exported_fms_dyt):
+    config, theirs = exported_fms_dyt(run_dir, "norm.final=rmsnorm")
+    assert config["norm"]["final"] == "rmsnorm"
     assert isinstance(theirs.model.norm, RMSNorm) and isinstance(theirs.model.layers[0].ffn_norm, DyT)
-    tokens = torch.randint(0, 32000, (2, 17), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(ours(tokens).logits, theirs(tokens).logits, atol=1e-4, rtol=0)
 
 
-def test_zero_shot_runs_on_the_bundled_tiny_task(run_dir, tmp_path):
-    report = tmp_path / "zero_shot.json"
-    done = subprocess.run([sys.executable, "eval/zero_shot.py", str(run_dir), "--include-path", str(TASK_DATA),
-                           "--tasks", "tiny_arc_easy", "--batch-size", "4", "--output", str(report)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    result = json.loads(report.read_text())
-    assert result["model"]["norm"]["final"] == "rmsnorm"
-    assert "tiny_arc_easy" in result["lm_eval_results"]
+def test_zero_shot_runs_on_the_bundled_tiny_task(run_dir, tiny_zero_shot):
+    assert tiny_zero_shot(run_dir)["model"]["norm"]["final"] == "rmsnorm"
 
 
 def test_analysis_labels_the_final_norm_and_draws_its_maps(run_dir, tmp_path):

@@ -25,7 +25,7 @@ PAPER_RUNS = {  # experiment: (nodes, GPUs per node) of Table 4
 
 
 def _norm(kind):
-    return NormArgs(kind=kind, alpha_attn=0.8, alpha_ffn=0.2, alpha_final=0.2, embedding_scale=kind == "dyt")
+    return NormArgs(kind=kind, alpha_attn=0.8, alpha_ffn=0.2, alpha_final=0.2, embedding_scale=kind != "rmsnorm")
 
 
 @pytest.mark.parametrize("experiment", sorted(PAPER_RUNS))
@@ -121,7 +121,7 @@ ACTIVATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["dyt", "rmsnorm"])
+@pytest.mark.parametrize("kind", ["dyt", "derf", "rmsnorm"])
 @pytest.mark.parametrize("shape,batch,seq,dtype,ac", ACTIVATION_CASES)
 def test_activation_model_within_20_percent_of_measured_cpu_memory(kind, shape, batch, seq, dtype, ac):
     args = ModelArgs(max_seq_len=seq, **shape)

@@ -46,7 +46,7 @@ def test_each_bad_value_is_named(override, key):
 
 
 def test_a_dyt_final_norm_needs_its_alpha0_and_gets_none_under_rmsnorm():
-    with pytest.raises(ConfigError, match=r"set norm.alpha_final \(the final norm is DyT\)"):
+    with pytest.raises(ConfigError, match=r"set norm.alpha_final \(the final norm is dyt\)"):
         load_config(["experiment=quickstart", "norm=rmsnorm", "norm.final=dyt"])
     from fms_dyt.config import norm_args
 

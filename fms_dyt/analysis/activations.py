@@ -1,7 +1,7 @@
 """Inputs and outputs of a model's norm layers on a batch, for the input/output maps (paper Figures 2 and 4).
 
 Forward hooks on the norm modules take each layer's input; the output before the γ scale is the
-module's own ``normalize(x)`` (x / rms(x) for RMSNorm, tanh(αx) for DyT), so the map shows what
+module's own ``normalize(x)`` (x / rms(x) for RMSNorm, tanh(αx) for DyT, erf(αx + s) for Derf), so the map shows what
 the normalization does and not the learned per-channel scale.
 """
 
@@ -29,7 +29,10 @@ class NormCapture:
     site: str  # "attn/<layer>", "ffn/<layer>" or "final"
     x: torch.Tensor
     y: torch.Tensor
-    alpha: Optional[float]  # DyT's α; None for norms without one
+    alpha: Optional[float]  # a point-wise norm's α (DyT, Derf); None for norms without one
+    shift: Optional[float]  # Derf's s; None for norms without one
+    # A point-wise norm's function over the range of x: (grid, normalize(grid)) and its formula
+    curve: Optional[tuple[torch.Tensor, torch.Tensor, str]]
     sequences: torch.Tensor  # [tokens] the batch row of each sampled token
     positions: torch.Tensor  # [tokens] its position in that row
     token_ids: torch.Tensor  # [tokens]
@@ -94,10 +97,15 @@ def capture_norm_io(transformer: nn.Module, tokens: torch.Tensor, sites: list[st
     def hook_for(site):
         def hook(module, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])[rows.to(args[0].device)].float()
-            alpha = getattr(module, "alpha", None)
+            alpha, shift = getattr(module, "alpha", None), getattr(module, "shift", None)
+            curve = None
+            if hasattr(module, "preactivation"):
+                grid = torch.linspace(x.min().item(), x.max().item(), 400, device=x.device)
+                curve = (grid.cpu(), module.normalize(grid).float().cpu(), module.formula)
             captured[site] = NormCapture(
                 site=site, x=x.cpu(), y=module.normalize(x).cpu(),
                 alpha=float(alpha.item()) if alpha is not None else None,
+                shift=float(shift.item()) if shift is not None else None, curve=curve,
                 sequences=rows // seq, positions=rows % seq, token_ids=tokens.reshape(-1)[rows].cpu(),
             )
         return hook

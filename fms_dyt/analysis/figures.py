@@ -133,7 +133,7 @@ def _difference_panel(ax, curves: Sequence[Curve], smoothed: list[np.ndarray], d
 
 def alpha_training_figure(label: str, tokens_by_key: dict[str, tuple[np.ndarray, np.ndarray]],
                           n_layers: int, alpha0: dict[str, float], initial_scale: Optional[float]) -> Figure:
-    """One DyT run: α of each layer over training (attention; FFN and final) and the embedding scalar.
+    """One DyT or Derf run: α of each layer over training (attention; FFN and final) and the embedding scalar.
 
     ``tokens_by_key`` maps metric names (``alpha/attn/<i>``, ``alpha/ffn/<i>``, ``alpha/final``,
     ``embedding_scale``) to (tokens seen, value) arrays; missing keys are left out of the plot.
@@ -163,7 +163,7 @@ def alpha_training_figure(label: str, tokens_by_key: dict[str, tuple[np.ndarray,
                                label=f"final α₀ = {alpha0['final']:g}")
             ax.set_title(title)
             ax.set_xlabel(tokens_label(unit))
-            ax.set_ylabel("α (scale inside tanh)")
+            ax.set_ylabel("α (scale inside tanh or erf)")
             ax.legend(loc="best")
         bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:2], pad=0.01, aspect=30)
         bar.set_label("layer (0 = first)")
@@ -217,7 +217,7 @@ def alpha_depth_figure(runs: Sequence[DepthAlphas]) -> Figure:
         ticks = list(range(0, deepest, max(1, math.ceil(deepest / 16))))
         ax.set_xticks(ticks + [deepest], [str(t) for t in ticks] + ["final"])
         ax.set_xlabel("layer (0 = first)")
-        ax.set_ylabel("α (scale inside tanh)")
+        ax.set_ylabel("α (scale inside tanh or erf)")
         ax.set_title("Learned α against depth (at the analysed checkpoint)")
     return fig
 
@@ -229,7 +229,8 @@ def norm_io_figure(label: str, captures: Sequence[NormCapture], color_by: str, p
     Grey: a random ``points`` of all sampled elements. Coloured (``color_by``), the same in every
     panel: all channels of ``groups`` tokens spread over the range of their RMS (named by
     ``token_name`` when given), or all sampled tokens of the channels with the largest inputs and
-    one median channel. DyT panels carry the curve tanh(αx), drawn under the coloured points.
+    one median channel. Point-wise panels carry their function (tanh(αx), erf(αx + s)), drawn under the
+    coloured points.
     """
     if color_by not in ("token", "channel"):
         raise ValueError(f"color_by={color_by!r}: use 'token' or 'channel'")
@@ -254,11 +255,11 @@ def norm_io_figure(label: str, captures: Sequence[NormCapture], color_by: str, p
                 ax.scatter(xs[keep], ys[keep], s=7, color=color, alpha=0.85, linewidths=0, rasterized=True,
                            zorder=2.5, gid="series", label=name)
             title = cap.title
-            if cap.alpha is not None:
-                grid = np.linspace(x.min(), x.max(), 400)
-                ax.plot(grid, np.tanh(cap.alpha * grid), color="black", lw=1, zorder=1.5, gid="series",
-                        label="tanh(αx), α in each title")
-                title += f" (α = {cap.alpha:.3g})"
+            if cap.curve is not None:
+                grid, values, formula = cap.curve
+                ax.plot(grid.numpy(), values.detach().numpy(), color="black", lw=1, zorder=1.5, gid="series",
+                        label=f"{formula}, values in each title")
+                title += f" (α = {cap.alpha:.3g}" + (f", s = {cap.shift:.3g})" if cap.shift is not None else ")")
             ax.set_title(title)
             ax.set_xlabel("input x")
             ax.set_ylabel("output before γ")

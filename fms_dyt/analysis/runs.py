@@ -23,7 +23,7 @@ from fms_dyt.norms import NormArgs
 log = logging.getLogger("fms_dyt.analyze")
 
 ALPHA_KEY = re.compile(r"^alpha/(attn|ffn)/(\d+)$")
-NORM_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT"}
+NORM_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT", "derf": "Derf"}
 
 
 class AnalysisError(ValueError):
@@ -113,6 +113,11 @@ class Run:
     def is_dyt(self) -> bool:
         """Whether any site is DyT."""
         return "dyt" in self.norm.kinds()
+
+    @property
+    def is_pointwise(self) -> bool:
+        """Whether any site is a point-wise norm with an α (DyT, Derf)."""
+        return bool(self.norm.pointwise_sites())
 
 
 def load_run(path: str | Path) -> Run:
