@@ -82,6 +82,10 @@ class RMSNorm(nn.Module):
 class DyT(nn.Module):
     """Dynamic Tanh: y = weight · tanh(α·x) (+ bias), with α one learnable scalar per layer."""
 
+    # |α·x| where tanh' = 1 − tanh² has fallen to 7% of its peak: beyond it the layer passes
+    # almost no gradient (fms_dyt.telemetry counts such inputs as saturated)
+    saturated_above = 2.0
+
     def __init__(self, dim: int, alpha0: float, beta: bool = False, impl: str = "fused", site: Optional[str] = None):
         super().__init__()
         if impl not in DYT_IMPLS:
@@ -92,9 +96,13 @@ class DyT(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim)) if beta else None
         self.reset_parameters()
 
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """α·x: the argument of tanh."""
+        return self.alpha.to(x.dtype) * x
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """tanh(α·x): the squashed input, before the learnable scale."""
-        return torch.tanh(self.alpha.to(x.dtype) * x)
+        return torch.tanh(self.preactivation(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DYT_IMPLS[self.impl](x, self.alpha, self.weight, self.bias)
