@@ -92,6 +92,7 @@ def test_every_figure_is_written_and_not_blank(analysis):
     assert set(analysis.figures) == {
         "loss.png", "alpha_dyt.png", "alpha_depth.png",
         "norm_io_token_dyt.png", "norm_io_channel_dyt.png", "norm_io_token_rms.png", "norm_io_channel_rms.png",
+        "telemetry_dyt.png", "telemetry_rms.png",  # the trainer's telemetry pass at the last step
     }
     for name in analysis.figures:
         image = matplotlib.image.imread(analysis.out / name)
