@@ -15,8 +15,8 @@ as metric keys ``telemetry/<quantity>/<site>``:
 
 A layer is point-wise when it has a ``preactivation`` method; nothing here knows the kinds by name.
 ``telemetry/time_s`` is what the pass cost. Rank 0 warns, once per site and condition, when a
-point-wise site has more than half its inputs saturated or a site's input RMS has grown more than
-tenfold since the first pass of this process (docs/analysis.md).
+point-wise site stays more than half saturated (with its input RMS steady, see plateau_steps) or a
+site's input RMS has grown more than 100x since the first pass of this process (docs/analysis.md).
 """
 
 from __future__ import annotations
@@ -33,8 +33,13 @@ from fms_dyt.norms import norm_sites
 
 log = logging.getLogger("fms_dyt")
 
-SATURATED_WARNING = 0.5  # warn when more than this fraction of a point-wise site's inputs is saturated
-GROWTH_WARNING = 10.0  # warn when a site's input RMS exceeds this multiple of its first measured value
+# Warnings (thresholds from the quickstart's runs, docs/analysis.md): a point-wise site more than
+# half saturated at every pass of a plateau window (plateau_steps) over which its input RMS stayed
+# within PLATEAU_CHANGE (stuck, not a transient rise or a recovery); a site's input RMS above
+# GROWTH_WARNING times its value at this process's first pass.
+SATURATED_WARNING = 0.5
+PLATEAU_CHANGE = 0.1
+GROWTH_WARNING = 100.0
 HINT = ("with DyT-like norms, try a scale-free final norm (norm.final=rmsnorm), then probe α₀ "
         "(norm.alpha_attn, norm.alpha_ffn); docs/quickstart.md shows both at width 64")
 
@@ -104,6 +109,7 @@ class Telemetry:
     def __init__(self, inputs: torch.Tensor, interval: int, total_steps: int, warn: bool):
         self.inputs, self.interval, self.total_steps, self.warn = inputs, interval, total_steps, warn
         self.first_rms: dict[str, tuple[int, float]] = {}  # site -> (step, input RMS) of this process's first pass
+        self.history: dict[str, list[tuple[int, float, float]]] = {}  # site -> (step, input RMS, saturated) of the window
         self.warned: set[tuple[str, str]] = set()
 
     @classmethod
@@ -111,6 +117,11 @@ class Telemetry:
         """None when ``logging.telemetry_interval`` is null."""
         interval = cfg.logging.telemetry_interval
         return None if interval is None else cls(fixed_batch(cfg), interval, total_steps, is_main)
+
+    @property
+    def plateau_steps(self) -> int:
+        """The window of the saturation warning: a tenth of the run, within 2 to 10 intervals."""
+        return max(2 * self.interval, min(self.total_steps // 10, 10 * self.interval))
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.total_steps
@@ -124,17 +135,30 @@ class Telemetry:
         return values
 
     def _check(self, values: dict[str, float], step: int) -> None:
-        for key, value in values.items():
+        for key, rms in values.items():
             quantity, _, site = key[len("telemetry/"):].partition("/")
-            if quantity == "saturated" and value > SATURATED_WARNING:
-                self._warn_once(site, quantity, "step %d: %.0f%% of the inputs of norm %s are saturated (the layer "
-                                "passes almost no gradient there); %s", step, 100 * value, site, HINT)
-            elif quantity == "input_rms":
-                first_step, first = self.first_rms.setdefault(site, (step, value))
-                if value > GROWTH_WARNING * first:
-                    self._warn_once(site, quantity, "step %d: the input RMS of norm %s has grown %.0fx since step %d "
-                                    "(%.3g -> %.3g): the residual stream is growing; %s",
-                                    step, site, value / first, first_step, first, value, HINT)
+            if quantity != "input_rms":
+                continue
+            first_step, first = self.first_rms.setdefault(site, (step, rms))
+            if rms > GROWTH_WARNING * first:
+                self._warn_once(site, "growth", "step %d: the input RMS of norm %s has grown %.0fx since step %d "
+                                "(%.3g -> %.3g): the residual stream is running away; %s",
+                                step, site, rms / first, first_step, first, rms, HINT)
+            saturated = values.get(f"telemetry/saturated/{site}")
+            if saturated is None:
+                continue
+            history = self.history.setdefault(site, [])
+            history.append((step, rms, saturated))
+            start = step - self.plateau_steps
+            while len(history) > 1 and history[1][0] <= start:  # keep one pass at or before the window's start
+                history.pop(0)
+            levels = [r for _, r, _ in history]
+            stuck = history[0][0] <= start and all(s > SATURATED_WARNING for _, _, s in history) and \
+                max(levels) < (1 + PLATEAU_CHANGE) * min(levels)
+            if stuck:
+                self._warn_once(site, "saturated", "step %d: %.0f%% of the inputs of norm %s are saturated, at every "
+                                "pass since step %d with a steady input RMS (%.3g): the layer passes almost no "
+                                "gradient; %s", step, 100 * saturated, site, history[0][0], rms, HINT)
 
     def _warn_once(self, site: str, condition: str, message: str, *args) -> None:
         if (site, condition) not in self.warned:

@@ -115,12 +115,13 @@ def test_saturated_fraction_input_rms_and_parameters_equal_a_hand_computation():
     assert measure(RMSNorm(4, site="final"), x) == pytest.approx({"telemetry/input_rms/final": values["telemetry/input_rms/final"]})
 
 
-def test_warnings_fire_once_on_a_saturating_model_and_not_on_a_fresh_one(caplog):
+def test_warnings_fire_once_on_a_stuck_saturated_model_and_not_on_a_fresh_one(caplog):
     cfg = load_config([*TINY, "norm=dyt"])
     model = Transformer(model_args(cfg), norm_args(cfg))
     model.init_weights(0)
     inputs = torch.randint(3, 400, (MICRO, SEQ), generator=torch.Generator().manual_seed(0))
     telemetry = Telemetry(inputs, interval=1, total_steps=10, warn=True)
+    assert telemetry.plateau_steps == 2
     with caplog.at_level(logging.WARNING, logger="fms_dyt"):
         fresh = telemetry(model, step=1)
         assert max(fresh[f"telemetry/saturated/{s}"] for s in SITES) < 0.5
@@ -129,15 +130,19 @@ def test_warnings_fire_once_on_a_saturating_model_and_not_on_a_fresh_one(caplog)
             for name, p in model.named_parameters():
                 if name.endswith("alpha"):
                     p.fill_(1000.0)
-            model.tok_embeddings.weight.mul_(100.0)
+            model.tok_embeddings.weight.mul_(1000.0)
         telemetry(model, step=2)
-        first = [r.getMessage() for r in caplog.records]
+        assert [r.getMessage() for r in caplog.records if "are saturated" in r.getMessage()] == []  # not yet a plateau
         telemetry(model, step=3)
-    saturated = [m for m in first if "are saturated" in m]
-    grown = [m for m in first if "has grown" in m]
-    assert len(saturated) == len(SITES) and len(grown) >= 1  # every site saturated; the residual grew 100x
-    assert "norm.final=rmsnorm" in saturated[0] and "since step 1" in grown[0]
-    assert len(caplog.records) == len(first)  # once per site and condition, not again at step 3
+        telemetry(model, step=4)
+        messages = [r.getMessage() for r in caplog.records]
+        telemetry(model, step=5)
+    saturated = [m for m in messages if "are saturated" in m]
+    grown = [m for m in messages if "has grown" in m]
+    assert len(saturated) == len(SITES) and all("step 4:" in m and "since step 2" in m for m in saturated)
+    assert len(grown) >= 1 and "since step 1" in grown[0]  # the residual stream grew 1000x
+    assert "norm.final=rmsnorm" in saturated[0]
+    assert len(caplog.records) == len(messages)  # once per site and condition, not again at step 5
 
 
 def test_the_analysis_draws_each_runs_telemetry_and_notes_a_run_without(runs, tmp_path):
