@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from fms_dyt.analyze import analyze
 from fms_dyt.config import ConfigError, load_config, model_args, norm_args
@@ -47,6 +48,52 @@ class RandomBatches:
 
     def stats(self):
         return {"batches": self.i}
+
+
+class SplitBatches:
+    """Global batch g (two micro-batches) is fixed by g; each rank takes its share of it, so one and
+    two ranks train alike."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world, self.i = rank, world, 0
+
+    def __iter__(self):
+        while True:
+            g, micro = divmod(self.i, 2 // self.world)
+            rows = torch.randint(3, 400, (2 * MICRO, SEQ + 1), generator=torch.Generator().manual_seed(g))
+            start = (micro * self.world + self.rank) * MICRO
+            self.i += 1
+            yield rows[start:start + MICRO, :-1], rows[start:start + MICRO, 1:]
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, states):
+        self.i = states[0]["i"]
+
+    def stats(self):
+        return {"batches": self.i}
+
+
+def _rank_worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert train(load_config(overrides), data=SplitBatches(rank, world)) == 0
+
+
+def test_two_fsdp_ranks_log_the_telemetry_of_one_process(tmp_path):
+    overrides = [*TINY, "norm=dyt", f"train.global_batch_tokens={2 * SEQ * MICRO}", "train.max_steps=2",
+                 "logging.telemetry_interval=1", "checkpoint.interval=100"]
+    for world in (1, 2):
+        mp.start_processes(_rank_worker, args=(world, free_port(), [*overrides, f"run_dir={tmp_path / str(world)}"]),
+                           nprocs=world, start_method="spawn")
+    one, two = _records(tmp_path / "1"), _records(tmp_path / "2")
+    assert sorted(one) == sorted(two) == [1, 2]
+    for step in one:
+        keys = _telemetry_keys(one[step]) - {"telemetry/time_s"}
+        assert keys == _telemetry_keys(two[step]) - {"telemetry/time_s"} and len(keys) == 4 * len(SITES)
+        assert {k: two[step][k] for k in keys} == pytest.approx({k: one[step][k] for k in keys}, rel=1e-5, abs=1e-6)
 
 
 def _train(run_dir: Path, *overrides: str) -> Path:
