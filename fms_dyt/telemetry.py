@@ -120,8 +120,9 @@ class Telemetry:
 
     @property
     def plateau_steps(self) -> int:
-        """The window of the saturation warning: a tenth of the run, within 2 to 10 intervals."""
-        return max(2 * self.interval, min(self.total_steps // 10, 10 * self.interval))
+        """The window of the saturation warning: a tenth of the run, at least two intervals (the
+        quickstart's early transient of saturation lasts about a quarter of it)."""
+        return max(2 * self.interval, self.total_steps // 10)
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.total_steps
