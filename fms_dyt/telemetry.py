@@ -109,7 +109,8 @@ class Telemetry:
     def __init__(self, inputs: torch.Tensor, interval: int, total_steps: int, warn: bool):
         self.inputs, self.interval, self.total_steps, self.warn = inputs, interval, total_steps, warn
         self.first_rms: dict[str, tuple[int, float]] = {}  # site -> (step, input RMS) of this process's first pass
-        self.history: dict[str, list[tuple[int, float, float]]] = {}  # site -> (step, input RMS, saturated) of the window
+        # site -> (step, input RMS, saturated) of the passes in the saturation warning's window
+        self.history: dict[str, list[tuple[int, float, float]]] = {}
         self.warned: set[tuple[str, str]] = set()
 
     @classmethod
