@@ -10,6 +10,8 @@ written by ``python -m fms_dyt.export``. Writes PNG files and ``DIR/report.md`` 
 - ``alpha_<run>.png`` (DyT runs): α of every attention, FFN and final norm over training, and the
   learnable embedding scalar, from ``metrics.jsonl``;
 - ``alpha_depth.png`` (DyT runs): α against depth at the analysed checkpoint;
+- ``telemetry_<run>.png``: the ``telemetry/`` keys of ``metrics.jsonl`` over steps, one line per
+  norm layer: input RMS, fraction of inputs saturated, α and mean |γ| (docs/analysis.md);
 - ``norm_io_token_<run>.png`` and ``norm_io_channel_<run>.png``: each selected norm layer's input
   against its output before γ on a batch of the run's data, coloured by token and by channel
   (paper Figures 2 and 4), with tanh(αx) drawn over DyT layers and erf(αx + s) over Derf layers;
@@ -117,6 +119,17 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
         elif run.is_pointwise:
             result.notes.append(f"{run.name}: point-wise norm run without α in metrics.jsonl: no α-over-training figure")
 
+    telemetry_files = []
+    for run in runs:
+        series = run.metrics.telemetry()
+        if series:
+            name = f"telemetry_{_slug(run.name)}.png"
+            result.figures[name] = F.telemetry_figure(run.label, series, run.n_layers)
+            telemetry_files.append((f"telemetry of the norm sites, {run.name}", name))
+        elif run.run_dir is not None:
+            result.notes.append(f"{run.name}: no telemetry/ keys in metrics.jsonl (logging.telemetry_interval=null, "
+                                "or a run from before telemetry): no telemetry figure")
+
     depth, io_files, batches = [], [], []
     if checkpoints:
         for i, run in enumerate(runs):
@@ -142,6 +155,14 @@ def analyze(paths: list, out, *, sites: Optional[str] = None, batch: str = "auto
         "γ · erf(α x + s) + β (Derf). Over training: one line per "
         "layer, coloured by depth; dotted: α₀. Against depth: α at the analysed checkpoint.", alpha_files)
         if alpha_files else "")
+    sections.append(figure_section(
+        "Telemetry of the norm sites",
+        "Every logging.telemetry_interval steps the trainer runs the model on one fixed micro-batch and records, per "
+        "norm layer, the RMS of its input, and for point-wise norms (DyT) the fraction of inputs in the saturated "
+        "range (|αx| > 2 for tanh), α and mean |γ|. One line per layer, coloured by depth: attention norms solid, "
+        "FFN norms dashed, the final norm black. A saturated fraction near 1 or an input RMS that keeps growing "
+        "is a run that has stopped learning through its norms (docs/analysis.md).", telemetry_files)
+        if telemetry_files else "")
     sections.append(figure_section(
         "Norm layers: input against output",
         "Each panel: one norm layer's input x against its output before the γ scale (x / RMS(x) for RMSNorm, "

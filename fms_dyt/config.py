@@ -108,6 +108,8 @@ class WandbConfig:
 class LoggingConfig:
     interval: int = 10  # steps between metrics records (metrics.jsonl, W&B)
     console_interval: int = 10  # steps between progress lines on rank 0
+    # steps between telemetry passes of the norm sites (fms_dyt/telemetry.py); null: none
+    telemetry_interval: Optional[int] = 100
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -243,6 +245,7 @@ def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
         ("parallel.peak_tflops", p.peak_tflops, _positive, "> 0 (or null)", True),
         ("parallel.ac_fraction", p.ac_fraction, _fraction, "within [0, 1]", False),
         ("checkpoint.keep", c.keep, _non_negative, ">= 0 (0 keeps every checkpoint)", False),
+        ("logging.telemetry_interval", lg.telemetry_interval, _at_least_1, ">= 1 (or null: no telemetry)", True),
         ("model.norm_eps", m.norm_eps, _positive, "> 0", False),
         ("model.rope_theta", m.rope_theta, _positive, "> 0", False),
         ("model.init_std", m.init_std, _positive, "> 0", False),

@@ -88,7 +88,9 @@ class DyT(nn.Module):
     """Dynamic Tanh: y = weight · tanh(α·x) (+ bias), with α one learnable scalar per layer."""
 
     formula = "tanh(αx)"  # normalize(x), as figures label it
-    saturated_above = 2.0  # |α·x| where tanh' = 1 - tanh² has fallen to 7% of its peak (1 - tanh(2)² ≈ 0.0707)
+    # |α·x| where tanh' = 1 − tanh² has fallen to 7% of its peak: beyond it the layer passes
+    # almost no gradient (fms_dyt.telemetry counts such inputs as saturated)
+    saturated_above = 2.0
 
     def __init__(self, dim: int, alpha0: float, beta: bool = False, impl: str = "fused", site: Optional[str] = None):
         super().__init__()

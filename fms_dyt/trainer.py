@@ -31,6 +31,7 @@ from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distribut
 from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 from fms_dyt.validation import build_validation
+from fms_dyt.telemetry import Telemetry
 
 log = logging.getLogger("fms_dyt")
 
@@ -184,6 +185,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
     metrics = MetricsLogger(str(run_dir), cfg, enabled=d.is_main, resumed_step=step)
     meter = Throughput(flops_per_token(args, cfg.train.seq_len), peak_flops(d.device, cfg.parallel.peak_tflops), d.world_size)
     eta = Eta(step, total_steps)
+    telemetry = Telemetry.for_run(cfg, total_steps, d.is_main)  # None when logging.telemetry_interval is null
     batches = iter(data)
     bad_steps, data_wait = 0, 0.0
     if d.device.type == "cuda":
@@ -212,13 +214,16 @@ def _train(cfg, data, stop: StopRequest) -> int:
         meter.add(cfg.train.global_batch_tokens)
 
         val_loss = validation.loss(model) if validation is not None and validation.due(step, total_steps) else None
-        if step % cfg.logging.interval == 0 or step == total_steps or val_loss is not None:
+        probe = telemetry is not None and telemetry.due(step)
+        if step % cfg.logging.interval == 0 or step == total_steps or val_loss is not None or probe:
             loss, data_stats = global_stats(result.loss, data.stats(), d.device)
             values = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm.item(), "tokens_seen": tokens_seen,
                       **meter.read(), "step_time_s": time.perf_counter() - t_step,
                       "data_wait_s": data_wait, "skipped_updates": bad_steps,
                       **{f"data/{k}": v for k, v in data_stats.items()}, **norm_scalars(model)}
             data_wait = 0.0
+            if probe:  # every rank: the pass gathers parameters
+                values.update(telemetry(model, step))
             values["peak_memory_gib"] = peak_memory_gib(d.device)
             if val_loss is not None:
                 values["val/loss"] = val_loss

@@ -92,6 +92,7 @@ def test_every_figure_is_written_and_not_blank(analysis):
     assert set(analysis.figures) == {
         "loss.png", "alpha_dyt.png", "alpha_depth.png",
         "norm_io_token_dyt.png", "norm_io_channel_dyt.png", "norm_io_token_rms.png", "norm_io_channel_rms.png",
+        "telemetry_dyt.png", "telemetry_rms.png",  # the trainer's telemetry pass at the last step
     }
     for name in analysis.figures:
         image = matplotlib.image.imread(analysis.out / name)
@@ -205,7 +206,7 @@ def test_results_table_from_eval_files(runs, tmp_path):
     losses = [r["loss"] for r in read_metrics(dyt / "metrics.jsonl").records]
     assert f"| primary average / final loss (as Table 4) | 0.700 / {np.mean(losses[-10:]):.2f} | — |" in table
     assert "skipped `notes.json: KeyError" in table
-    assert set(result.figures) == {"loss.png", "alpha_dyt.png"}
+    assert set(result.figures) == {"loss.png", "alpha_dyt.png", "telemetry_dyt.png", "telemetry_rms.png"}
     assert "--no-checkpoint" in text
 
 
@@ -289,7 +290,8 @@ def test_a_bad_site_fails_before_any_figure(runs, tmp_path, capsys):
 def test_cli_writes_the_report(runs, tmp_path, capsys):
     assert main([str(runs[1]), "--out", str(tmp_path / "o"), "--no-checkpoint", "--smooth", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines() == [str(tmp_path / "o" / "loss.png"), f"report: {tmp_path / 'o' / 'report.md'}",
+    assert out.splitlines() == [str(tmp_path / "o" / "loss.png"), str(tmp_path / "o" / "telemetry_rms.png"),
+                                f"report: {tmp_path / 'o' / 'report.md'}",
                                 "note: --no-checkpoint: no input/output maps and no α against depth"]
     assert "centred moving average over 3 logged points" in (tmp_path / "o" / "report.md").read_text()
     with pytest.raises(SystemExit):

@@ -297,3 +297,53 @@ def _group_name(cap: NormCapture, i: int, color_by: str, token_name) -> str:
     tid = int(cap.token_ids[i])
     what = repr(token_name(tid)) if token_name else f"token id {tid}"
     return f"{what} (sequence {int(cap.sequences[i])}, position {int(cap.positions[i])})"
+
+
+# Panels of the telemetry figure, in this order; other quantities (a kind's own scalars) follow.
+TELEMETRY_PANELS = {
+    "input_rms": ("input RMS of each norm (log scale)", "RMS of the norm's input"),
+    "saturated": ("fraction of inputs saturated", "fraction with |preactivation| > saturated_above"),
+    "alpha": ("α of each norm", "α (scale inside the squashing function)"),
+    "gamma_abs": ("mean |γ| of each norm", "mean |γ| (output scale)"),
+}
+
+
+def telemetry_figure(label: str, series: dict[str, dict[str, tuple[Sequence[int], Sequence[float]]]],
+                     n_layers: int) -> Figure:
+    """One run's telemetry over steps: a panel per quantity (``series``: quantity -> site -> (steps,
+    values)), one line per norm coloured by depth; attention norms solid, FFN norms dashed, the
+    final norm black."""
+    quantities = [q for q in TELEMETRY_PANELS if q in series] + sorted(q for q in series if q not in TELEMETRY_PANELS)
+    with style():
+        cols = min(2, len(quantities))
+        rows = math.ceil(len(quantities) / cols)
+        fig = Figure(figsize=(6.5 * cols + 1, 4.3 * rows + 0.6), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        cmap = matplotlib.colormaps[DEPTH_CMAP]
+        depth = matplotlib.colors.Normalize(vmin=0, vmax=max(n_layers - 1, 1))
+        for ax, quantity in zip(axes, quantities):
+            title, ylabel = TELEMETRY_PANELS.get(quantity, (f"{quantity} of each norm", quantity))
+            for site, (steps, values) in series[quantity].items():
+                if site == "final":
+                    ax.plot(steps, values, color="black", lw=2.2, ls="--", gid="series", label="final norm")
+                else:
+                    kind, layer = site.split("/")
+                    ax.plot(steps, values, color=cmap(depth(int(layer))), lw=1.4, ls="-" if kind == "attn" else "--",
+                            gid="series")
+            if quantity == "input_rms":
+                ax.set_yscale("log")
+            if quantity == "saturated":
+                ax.set_ylim(-0.02, 1.02)
+            if "final" in series[quantity]:
+                ax.legend(loc="best")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+        for ax in axes[len(quantities):]:
+            ax.set_visible(False)
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=depth, cmap=cmap), ax=axes.tolist(), pad=0.01, aspect=40)
+        bar.set_label("layer (0 = first); attention norm solid, FFN norm dashed")
+        if n_layers <= 12:
+            bar.set_ticks(range(n_layers))
+        fig.suptitle(f"{label}: telemetry of the norm sites on a fixed micro-batch")
+    return fig

@@ -23,6 +23,8 @@ from fms_dyt.norms import NormArgs
 log = logging.getLogger("fms_dyt.analyze")
 
 ALPHA_KEY = re.compile(r"^alpha/(attn|ffn)/(\d+)$")
+# telemetry/<quantity>/<site> (fms_dyt/telemetry.py); site: attn/<layer>, ffn/<layer> or final
+TELEMETRY_KEY = re.compile(r"^telemetry/(\w+)/(attn/\d+|ffn/\d+|final)$")
 NORM_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT", "derf": "Derf"}
 
 
@@ -63,6 +65,18 @@ class Metrics:
                 xs.append(r["tokens_seen"])
                 ys.append(v)
         return xs, ys
+
+    def telemetry(self) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+        """quantity -> site -> (steps, values) of every ``telemetry/<quantity>/<site>`` key logged."""
+        out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        for r in self.records:
+            for key, v in r.items():
+                m = TELEMETRY_KEY.match(key)
+                if m and isinstance(v, (int, float)) and math.isfinite(v):
+                    steps, values = out.setdefault(m.group(1), {}).setdefault(m.group(2), ([], []))
+                    steps.append(r["step"])
+                    values.append(v)
+        return out
 
     def alpha_layers(self, site: str) -> list[int]:
         """Layer indices with an ``alpha/<site>/<layer>`` series, in depth order."""
