@@ -55,10 +55,12 @@ WIDTH_VARIANT = Variant("dyt_final_rmsnorm", ("norm=dyt", "norm.final=rmsnorm"))
 @dataclass(frozen=True)
 class Preset:
     overrides: tuple[str, ...]  # model, data, schedule and logging of every run, before the user's
-    steps: int  # of each study run
-    probe_steps: int  # of each α₀ probe
-    grid: tuple[float, ...]
+    steps: int  # of each norms run
+    probe_steps: int  # of each α₀ probe of norms
+    grid: tuple[float, ...]  # of that probe
     widths: tuple[int, ...]  # of alpha0-width; FFN width 3x
+    width_steps: int  # of each probe of alpha0-width
+    width_grid: tuple[float, ...]  # of alpha0-width: wider, as its optimum moves
     jobs: int  # runs at a time
 
 
@@ -70,13 +72,15 @@ PRESETS = {
                    "data.num_workers=16", "optim.lr=3e-3", "optim.warmup_steps=15", "parallel.param_dtype=float32",
                    "logging.interval=1", "logging.console_interval=25",
                    "validation.interval=25", "validation.tokens=8192"),
-        steps=300, probe_steps=50, grid=(1.0, 2.0, 4.0), widths=(64, 128, 256), jobs=2),
+        steps=300, probe_steps=50, grid=(1.0, 2.0, 4.0),
+        widths=(64, 128, 256), width_steps=100, width_grid=(1.0, 2.0, 4.0, 8.0), jobs=2),
     # One GPU per run, bf16 (the configs' default parallel.param_dtype); not run on the CPU test bed.
     "gpu": Preset(
         overrides=("model=small", "data=sample", "train.seq_len=1024", "train.micro_batch_size=16",
                    "train.global_batch_tokens=262144", "optim.lr=1e-3", "logging.interval=10",
                    "logging.console_interval=50", "validation.interval=100", "validation.tokens=1048576"),
-        steps=2000, probe_steps=300, grid=(0.25, 0.5, 1.0, 2.0, 4.0), widths=(256, 512, 1024), jobs=1),
+        steps=2000, probe_steps=300, grid=(0.25, 0.5, 1.0, 2.0, 4.0),
+        widths=(256, 512, 1024), width_steps=500, width_grid=(0.25, 0.5, 1.0, 2.0, 4.0), jobs=1),
 }
 
 
@@ -118,8 +122,10 @@ class Study:
         return [FIRST_SEED + i for i in range(self.seeds)]
 
     def tune(self, variant: Variant, out: Path, extra: Sequence[str] = ()) -> Tune:
-        return Tune([*self.base(), *variant.overrides, *extra, f"seed={FIRST_SEED}"], list(self.preset.grid),
-                    self.preset.probe_steps, out, self.metric)
+        """The norms probe; with ``extra`` (a width) the alpha0-width probe."""
+        grid, steps = ((self.preset.width_grid, self.preset.width_steps) if extra else
+                       (self.preset.grid, self.preset.probe_steps))
+        return Tune([*self.base(), *variant.overrides, *extra, f"seed={FIRST_SEED}"], list(grid), steps, out, self.metric)
 
 
 # ---- norms ----------------------------------------------------------------------------------
@@ -324,7 +330,7 @@ def width_report(study: Study, rows: Sequence[dict]) -> str:
         "# fms-dyt study: best α₀ against width\n",
         f"Probe at every width: `python -m fms_dyt.tune alpha0 {' '.join(study.base())} "
         f"{' '.join(WIDTH_VARIANT.overrides)} model.dim=W model.ffn_dim=3W --grid "
-        f"{','.join(f'{a:g}' for a in study.preset.grid)} --steps {study.preset.probe_steps}`; ranked by "
+        f"{','.join(f'{a:g}' for a in study.preset.width_grid)} --steps {study.preset.width_steps}`; ranked by "
         f"{study.metric.describe()}.\n",
         "\n".join(lines), "",
         f"- attention: the best α₀ {trend(good, 'attn')}",
@@ -349,8 +355,8 @@ def parse_args(argv: Optional[list[str]] = None):
                    help=f"norms: a comma-separated subset of {','.join(v.name for v in NORM_VARIANTS)} (default all)")
     p.add_argument("--widths", default=None, help="alpha0-width: comma-separated widths (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="steps per study run (default: the preset's)")
-    p.add_argument("--probe-steps", type=int, default=None, help="steps per α₀ probe (default: the preset's)")
-    p.add_argument("--grid", default=None, help="α₀ values of the probe (default: the preset's)")
+    p.add_argument("--probe-steps", type=int, default=None, help="steps per α₀ probe of this study (default: the preset's)")
+    p.add_argument("--grid", default=None, help="α₀ values of this study's probes (default: the preset's)")
     add_metric_args(p)
     p.set_defaults(jobs=None)
     ns = p.parse_intermixed_args(argv)
@@ -359,10 +365,12 @@ def parse_args(argv: Optional[list[str]] = None):
         if value is not None and value < 1:
             p.error(f"{flag}={value} must be at least 1")
     try:
-        grid = preset.grid if ns.grid is None else tuple(parse_grid(ns.grid))
+        grid = None if ns.grid is None else tuple(parse_grid(ns.grid))
     except ValueError as e:
         p.error(str(e))
-    preset = replace(preset, grid=grid, steps=ns.steps or preset.steps, probe_steps=ns.probe_steps or preset.probe_steps)
+    probe = ("width_grid", "width_steps") if ns.study == "alpha0-width" else ("grid", "probe_steps")
+    preset = replace(preset, steps=ns.steps or preset.steps, **{probe[0]: grid or getattr(preset, probe[0]),
+                                                                probe[1]: ns.probe_steps or getattr(preset, probe[1])})
     if ns.seeds < 1:
         p.error(f"--seeds={ns.seeds} must be at least 1 (2 or more give a spread)")
     ns.jobs = preset.jobs if ns.jobs is None else ns.jobs
