@@ -253,7 +253,7 @@ def norms_report(study: Study, rows, results, analysis, probed) -> str:
         f"Seeds {', '.join(map(str, study.seed_list()))}; each run "
         f"`python train.py {' '.join(study.base())} <variant> train.max_steps={study.preset.steps} seed=S`.",
         f"Ranked by {study.metric.describe()}.",
-        f"Probed α₀ (`{study.out / 'probe' / 'alpha0.json'}`): `{' '.join(probed)}`." if probed else "",
+        f"Probed α₀ (`probe/alpha0.json`): `{' '.join(probed)}`.\n\n![α₀ probe](probe/alpha0.png)" if probed else "",
         "\n## Final table\n", norms_table(rows, study.metric),
         "\n## Curves\n", "![curves of every variant](curves.png)" if drawn
         else f"No run logged `{study.metric.key}`: no curves.",
