@@ -194,9 +194,11 @@ def test_alpha0_width_trend():
 
 def test_overrides_of_settings_this_checkout_lacks_are_left_out_and_said():
     said = []
-    kept = S.supported(["model.dim=8", "+experiment=quickstart", "nonexistent.interval=5"], said.append)
-    assert kept == ["model.dim=8", "+experiment=quickstart"]
-    assert said == ["note: nonexistent.interval=5 left out: this checkout has no nonexistent settings"]
+    kept = S.supported(["model.dim=8", "+experiment=quickstart", "tokenizer=sample", "data.weights.pile=2",
+                        "nonexistent.interval=5", "logging.no_such_interval=3"], said.append)
+    assert kept == ["model.dim=8", "+experiment=quickstart", "tokenizer=sample", "data.weights.pile=2"]
+    assert said == ["note: nonexistent.interval=5 left out: this checkout has no setting nonexistent.interval",
+                    "note: logging.no_such_interval=3 left out: this checkout has no setting logging.no_such_interval"]
 
 
 # ---- slurm --------------------------------------------------------------------------------------
