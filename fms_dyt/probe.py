@@ -76,22 +76,24 @@ class Result:
         return self.value is not None
 
 
-def planned_steps(run_dir: Path) -> Optional[int]:
-    """The steps the run in ``run_dir`` trains to, from its config.yaml (None without one)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    t = OmegaConf.load(path).train
-    return t.max_steps if t.max_steps is not None else math.ceil(t.tokens / t.global_batch_tokens)
+def finished(probe: Probe) -> bool:
+    """Whether the probe's run directory holds a complete checkpoint of the final step of this
+    same run (fms_dyt.resume's run-defining keys unchanged): only then is it not run again. A run
+    of another configuration is run, and train.py refuses it, naming the differences."""
+    from fms_dyt.config import ConfigError, load_config, schedule
+    from fms_dyt.resume import differences, previous_config
 
-
-def finished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a complete checkpoint of its final step."""
-    done = complete_checkpoints(run_dir)
+    done = complete_checkpoints(probe.run_dir)
     if not done:
         return False
+    try:
+        cfg = load_config([*probe.overrides, f"run_dir={probe.run_dir}"])
+    except ConfigError:  # train.py says what is wrong, in the probe's log
+        return False
+    previous = previous_config(probe.run_dir)
     step = json.loads((done[-1] / "meta.json").read_text()).get("step")
-    return step is not None and step == planned_steps(run_dir)
+    return (step == schedule(cfg, 1)[0] and previous is not None
+            and not differences(previous[1], OmegaConf.to_container(cfg, resolve=True)))
 
 
 def read_metric(run_dir: Path, metric: Metric) -> tuple[Optional[float], Optional[str]]:
@@ -122,7 +124,7 @@ def run_probes(probes: Sequence[Probe], metric: Metric, jobs: int = 1,
                echo: Callable[[str], None] = print) -> list[Result]:
     """Run every probe not finished before, ``jobs`` at a time; one Result per probe, in order."""
     env = probe_env(jobs)
-    pending = [p for p in probes if not finished(p.run_dir)]
+    pending = [p for p in probes if not finished(p)]
     for p in probes:
         if p not in pending:
             echo(f"{p.name}: finished before ({p.run_dir}), not run again")

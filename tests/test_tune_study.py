@@ -19,18 +19,23 @@ REPO = Path(__file__).resolve().parent.parent
 LOSS = Metric("loss", 2)
 
 
-def fake_run(run_dir: Path, losses, steps=None, exit_code=0, wall_s=12.0) -> Path:
-    """A run directory as train.py leaves it: config.yaml, metrics.jsonl, and a final checkpoint
-    when the logged steps reach ``steps``; plus the probe runner's exit record."""
+def fake_run(run_dir: Path, losses, overrides=None, checkpoint_step=None, exit_code=0, wall_s=12.0) -> Path:
+    """A run directory as train.py leaves it: metrics.jsonl, a checkpoint of the last logged step
+    (or ``checkpoint_step``), with ``overrides`` the config.yaml train.py would write; and the
+    probe runner's exit record."""
     run_dir.mkdir(parents=True)
-    steps = steps or len(losses)
-    (run_dir / "config.yaml").write_text(f"train:\n  max_steps: {steps}\n  tokens: null\n  global_batch_tokens: 64\n")
+    if overrides is not None:
+        from omegaconf import OmegaConf
+
+        from fms_dyt.config import load_config
+
+        cfg = load_config([*overrides, f"run_dir={run_dir}"])
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "metrics.jsonl").write_text("".join(
         json.dumps({"step": i + 1, "loss": v, "tokens_seen": 64 * (i + 1)}) + "\n" for i, v in enumerate(losses)))
-    if len(losses) == steps:
-        ckpt = run_dir / "checkpoints" / f"step_{steps}"
-        ckpt.mkdir(parents=True)
-        (ckpt / "meta.json").write_text(json.dumps({"step": steps}))
+    ckpt = run_dir / "checkpoints" / f"step_{checkpoint_step or len(losses)}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": checkpoint_step or len(losses)}))
     (run_dir.parent / f"{run_dir.name}.exit.json").write_text(json.dumps({"exit": exit_code, "wall_s": wall_s}))
     return run_dir
 
@@ -147,15 +152,20 @@ def test_a_failed_probe_is_reported_with_its_log_and_all_failed_is_an_error(tmp_
 
 
 def test_finished_runs_are_not_run_again(tmp_path):
-    done = fake_run(tmp_path / "done", [6.0, 5.0, 4.0], steps=3)
-    half = fake_run(tmp_path / "half", [6.0, 5.0], steps=3)  # no final checkpoint
-    assert finished(done) and not finished(half)
-    # a command that would fail at once: only the unfinished probe may run it
-    probes = [Probe("done", ["no_such_key=1"], done), Probe("half", ["no_such_key=1"], half)]
+    three = ["experiment=quickstart", "train.max_steps=3"]
+    done = Probe("done", three, fake_run(tmp_path / "done", [6.0, 5.0, 4.0], three))
+    assert finished(done)
+    assert not finished(Probe("longer", ["experiment=quickstart", "train.max_steps=4"], done.run_dir))
+    assert not finished(Probe("other_lr", [*three, "optim.lr=1e-3"], done.run_dir))  # another run: train.py refuses it
+    half = Probe("half", three, fake_run(tmp_path / "half", [6.0, 5.0], three, checkpoint_step=2))
+    assert not finished(half)
+    # a probe whose command fails at once stands for one that must run
+    broken = Probe("broken", [*three, "no_such_key=1"], tmp_path / "broken")
     seen = []
-    results = run_probes(probes, LOSS, jobs=2, echo=seen.append)
+    results = run_probes([done, broken], LOSS, jobs=2, echo=seen.append)
     assert results[0].ok and results[0].value == 4.5 and results[0].wall_s == 12.0
-    assert not results[1].ok and "exited with" in results[1].error
+    assert not results[1].ok and "exited with" in results[1].error and str(broken.log) in results[1].error
+    assert "no_such_key" in broken.log.read_text()
     assert any("done: finished before" in s for s in seen)
     assert not any(s.startswith("done: started") for s in seen)
 
