@@ -264,3 +264,35 @@ def test_tune_alpha0_end_to_end(tmp_path):
     assert "best α₀ after 3 steps (loss, mean of the last 10 logged values)" in done.stdout
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished before") == 4
+
+
+def test_a_rerun_study_trains_nothing_finished_and_reports_every_variant(tmp_path):
+    """``study norms`` over runs that finished before: no train.py starts, the report has every variant."""
+    preset = S.Preset(overrides=("experiment=quickstart",), steps=3, probe_steps=2, grid=(1.0, 2.0), widths=(64,),
+                      width_steps=2, width_grid=(1.0, 2.0), jobs=1)
+    study = S.Study(tmp_path, preset, [], 2, LOSS, 1)
+    variants = [S.NORM_VARIANTS[0], S.NORM_VARIANTS[5]]
+    for v in variants:
+        for seed, loss in zip(study.seed_list(), (5.0, 5.5)):
+            run = study.run(v, seed)
+            fake_run(run.run_dir, [7.0, loss, loss], run.overrides)
+    seen = []
+    done = S.run_norms(study, variants, echo=seen.append)
+    assert not any("started" in s for s in seen) and sum("finished before" in s for s in seen) == 4
+    report = done["report"].read_text()
+    assert "| rmsnorm | 5.250 | 0.354 | 0.500 | 2/2 | 192 |" in report
+    assert "| dyt_final_rmsnorm | 5.250 |" in report
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["variant"] for r in summary["rows"]] == ["rmsnorm", "dyt_final_rmsnorm"]
+
+
+def test_alpha0_width_report():
+    study = S.Study(Path("/tmp/w"), S.PRESETS["cpu"], [], 1, LOSS, 2)
+    rows = [{"width": 64, "attn": 4.0, "ffn": 2.0, "joint_best": 4.0, "table": [1.0, 1.0], "figure": "width64/alpha0.png"},
+            {"width": 128, "attn": 2.0, "ffn": 2.0, "joint_best": 2.0, "table": [1.0, 1.0], "figure": "width128/alpha0.png"},
+            {"width": 256, "error": "all 10 probes failed"}]
+    report = S.width_report(study, rows)
+    assert "| 64 | 4 | 2 | 4 | 1, 1 |" in report and "| 256 | FAILED |" in report
+    assert "- attention: the best α₀ falls with width (as Table 5)" in report
+    assert "- FFN and final: the best α₀ does not move" in report
+    assert "--grid 1,2,4,8 --steps 100" in report and "width 256 failed: all 10 probes failed" in report
