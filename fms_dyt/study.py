@@ -420,6 +420,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     study.preset = replace(study.preset, overrides=tuple(supported(study.preset.overrides)))
     try:
         done = run_norms(study, ns.variant_list) if ns.study == "norms" else run_alpha0_width(study, ns.width_list)
+    except KeyboardInterrupt:  # the runs in flight got it too, and saved a checkpoint
+        print("\nfms_dyt.study: stopped; run the same command again to resume", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"fms_dyt.study: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -280,6 +280,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns, tune = parse_args(argv)
     try:
         summary = tune_alpha0(tune, ns.launcher, ns.jobs, submit=not ns.dry_run)
+    except KeyboardInterrupt:  # the runs in flight got it too, and saved a checkpoint
+        print("\nfms_dyt.tune: stopped; run the same command again to resume", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"fms_dyt.tune: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE
