@@ -226,7 +226,7 @@ def curves_figure(results: Sequence[Result], key: str):
     with F.style():
         fig = Figure(figsize=(10, 6), layout="constrained")
         ax = fig.subplots()
-        drawn = False
+        drawn, tails = False, []  # the y-axis leaves out the first 10% of tokens, as fms_dyt.analyze's
         for r in results:
             variant, seed = r.probe.name.rsplit("_seed", 1)
             path = r.probe.run_dir / "metrics.jsonl"
@@ -234,6 +234,8 @@ def curves_figure(results: Sequence[Result], key: str):
             if not tokens:
                 continue
             y = F.smooth(np.asarray(values, float), F.default_window(len(values)))
+            late = y[np.asarray(tokens) >= F.CLIP_FRACTION * max(tokens)]
+            tails += [late.min(), late.max()]
             ax.plot(tokens, y, color=F.run_color(variants.index(variant)), ls=("-", "--", ":", "-.")[seeds.index(seed) % 4],
                     lw=1.8, label=f"{variant} (seed {seed})", gid="series")
             drawn = True
@@ -241,6 +243,8 @@ def curves_figure(results: Sequence[Result], key: str):
         ax.set_ylabel(key + (" (smoothed)" if not key.startswith("val/") else ""))
         ax.set_title(f"{key} of every variant and seed")
         if drawn:
+            pad = 0.05 * ((max(tails) - min(tails)) or 1.0)
+            ax.set_ylim(min(tails) - pad, max(tails) + pad)
             ax.legend(loc="upper right", ncols=2)
     return fig, drawn
 
