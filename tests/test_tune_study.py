@@ -202,15 +202,6 @@ def test_alpha0_width_trend():
     assert S.trend([{"width": 64, "attn": 1.0}, {"width": 128, "attn": 4.0}], "attn").startswith("rises")
 
 
-def test_overrides_of_settings_this_checkout_lacks_are_left_out_and_said():
-    said = []
-    kept = S.supported(["model.dim=8", "+experiment=quickstart", "tokenizer=sample", "data.weights.pile=2",
-                        "nonexistent.interval=5", "logging.no_such_interval=3"], said.append)
-    assert kept == ["model.dim=8", "+experiment=quickstart", "tokenizer=sample", "data.weights.pile=2"]
-    assert said == ["note: nonexistent.interval=5 left out: this checkout has no setting nonexistent.interval",
-                    "note: logging.no_such_interval=3 left out: this checkout has no setting logging.no_such_interval"]
-
-
 # ---- slurm --------------------------------------------------------------------------------------
 
 
