@@ -97,7 +97,7 @@ def exported_fms_dyt(tmp_path, capsys):
         assert export_main([str(run_dir), str(out)]) == 0  # the default format: fms_dyt
         ours, _, _ = load_for_inference(run_dir)
         theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-        tokens = torch.randint(0, 32000, (2, 17), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, theirs.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             assert torch.allclose(ours(tokens).logits, theirs(tokens).logits, atol=1e-4, rtol=0)
         return json.loads((out / "config.json").read_text()), theirs

@@ -21,7 +21,7 @@ from fms_dyt.plan import plan
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, INTERVAL = 4, 2
-TRAIN = ["model=tiny", "model.n_layers=2", "norm=derf", "data=sample", "data.num_workers=1",
+TRAIN = ["model=tiny", "model.n_layers=2", "norm=derf", "tokenizer=sample", "model.vocab_size=8000", "optim.lr=3e-3", "data=sample", "data.num_workers=1",
          "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_tokens=128", f"train.max_steps={STEPS}",
          f"checkpoint.interval={INTERVAL}", "checkpoint.keep=2", "parallel.param_dtype=float32",
          "logging.interval=1", "logging.wandb.mode=disabled"]

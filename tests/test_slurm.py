@@ -38,6 +38,7 @@ TINY = [
     "parallel.compile=false",
     "parallel.param_dtype=float32",
     "logging.interval=1",
+    "validation.tokens=1040",  # 16 windows: the 7B run's 4M tokens exceed the sample's held-out slice
 ]
 # how the tests submit: the options of the command, a log file outside the checkout
 SBATCH = ["sbatch", "--parsable", "--nodes=2", "--gres=gpu:1", "--ntasks-per-node=1", "-p", "debug"]

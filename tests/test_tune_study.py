@@ -246,7 +246,7 @@ def test_tune_alpha0_end_to_end(tmp_path):
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "alpha0.json").read_text())
-    assert len(summary["probes"]) == 4 and all(p["value"] is not None for p in summary["probes"])
+    assert len(summary["probes"]) == 4 and all(p["value"] is not None for p in summary["probes"]), summary["probes"]
     assert set(summary["best"]) == {"attn", "ffn"}  # the quickstart's final norm is RMSNorm: no final α₀
     assert summary["alpha_table_row"][0] == 32 and (tmp_path / "alpha0.png").stat().st_size > 0
     for p in summary["probes"]:

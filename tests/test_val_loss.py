@@ -3,6 +3,7 @@ metrics.jsonl every validation.interval steps, bit-identical on 1 and 2 ranks, b
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,9 +170,10 @@ def test_val_loss_is_bit_identical_on_one_and_two_ranks(tmp_path):
                                f"--nproc_per_node={nproc}", str(script), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        lines = [line.split() for line in done.stdout.splitlines() if line.startswith("VAL ")]
-        assert len(lines) == nproc and {line[2] for line in lines} == {"3"}
-        results[nproc] = {line[3] for line in lines}
+        # found anywhere in a line: torchrun may prefix or interleave the ranks' output
+        lines = re.findall(r"VAL (\d+) (\d+) (\S+)", done.stdout)
+        assert len(lines) == nproc and {line[1] for line in lines} == {"3"}, done.stdout[-3000:] + done.stderr[-3000:]
+        results[nproc] = {line[2] for line in lines}
     assert len(results[2]) == 1  # every rank has the same number
     assert results[1] == results[2], results
 
