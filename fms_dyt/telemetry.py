@@ -15,7 +15,7 @@ as metric keys ``telemetry/<quantity>/<site>``:
 
 A layer is point-wise when it has a ``preactivation`` method; nothing here knows the kinds by name.
 ``telemetry/time_s`` is what the pass cost. Rank 0 warns, once per site and condition, when a
-point-wise site stays more than half saturated (with its input RMS steady, see plateau_steps) or a
+point-wise site stays more than 90% saturated (with its input RMS steady, see plateau_steps) or a
 site's input RMS has grown more than 100x since the first pass of this process (docs/analysis.md).
 """
 
@@ -34,10 +34,10 @@ from fms_dyt.norms import norm_sites
 log = logging.getLogger("fms_dyt")
 
 # Warnings (thresholds from the quickstart's runs, docs/analysis.md): a point-wise site more than
-# half saturated at every pass of a plateau window (plateau_steps) over which its input RMS stayed
+# 90% saturated at every pass of a plateau window (plateau_steps) over which its input RMS stayed
 # within PLATEAU_CHANGE (stuck, not a transient rise or a recovery); a site's input RMS above
 # GROWTH_WARNING times its value at this process's first pass.
-SATURATED_WARNING = 0.5
+SATURATED_WARNING = 0.9  # trapped layers: 95-100%; the healthy quickstart's deepest: ~60% (|αx| > 2)
 PLATEAU_CHANGE = 0.1
 GROWTH_WARNING = 100.0
 HINT = ("with DyT-like norms, try a scale-free final norm (norm.final=rmsnorm), then probe α₀ "
