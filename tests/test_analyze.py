@@ -22,17 +22,15 @@ from fms_dyt.inference import load_for_inference
 from fms_dyt.config import load_config
 from fms_dyt.eval.report import averages, default_output, metric_rows, write_json
 from fms_dyt.trainer import train
+from in_memory import CountedBatches
 
 REPO = Path(__file__).resolve().parent.parent
 
 SEQ, MICRO, LAYERS, STEPS = 32, 2, 2, 6
 
 
-class RepeatedHalves:
+class RepeatedHalves(CountedBatches):
     """An in-memory source with something to learn: each row is a random half-sequence said twice."""
-
-    def __init__(self):
-        self.i = 0
 
     def __iter__(self):
         while True:
@@ -40,15 +38,6 @@ class RepeatedHalves:
             row = torch.cat([half, half], dim=1)[:, : SEQ + 1]
             self.i += 1
             yield row[:, :-1], row[:, 1:]
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, states):
-        self.i = states[0]["i"]
-
-    def stats(self):
-        return {"batches": self.i}
 
 
 def _train(run_dir: Path, norm: str) -> Path:

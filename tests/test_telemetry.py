@@ -20,6 +20,7 @@ from fms_dyt.norms import DyT, RMSNorm
 from fms_dyt.parallel import free_port
 from fms_dyt.telemetry import Telemetry, measure
 from fms_dyt.trainer import train
+from in_memory import CountedBatches
 
 SEQ, MICRO, LAYERS, STEPS = 16, 2, 2, 5
 SITES = [f"{kind}/{i}" for i in range(LAYERS) for kind in ("attn", "ffn")] + ["final"]
@@ -28,11 +29,8 @@ TINY = ["model=tiny", f"model.n_layers={LAYERS}", f"train.seq_len={SEQ}", f"trai
         "optim.lr=3e-3", "optim.warmup_steps=2"]
 
 
-class RandomBatches:
+class RandomBatches(CountedBatches):
     """An in-memory training source (the telemetry batch comes from the run's data config)."""
-
-    def __init__(self):
-        self.i = 0
 
     def __iter__(self):
         while True:
@@ -40,22 +38,14 @@ class RandomBatches:
             self.i += 1
             yield row[:, :-1], row[:, 1:]
 
-    def state_dict(self):
-        return {"i": self.i}
 
-    def load_state_dict(self, states):
-        self.i = states[0]["i"]
-
-    def stats(self):
-        return {"batches": self.i}
-
-
-class SplitBatches:
+class SplitBatches(CountedBatches):
     """Global batch g (two micro-batches) is fixed by g; each rank takes its share of it, so one and
     two ranks train alike."""
 
     def __init__(self, rank: int = 0, world: int = 1):
-        self.rank, self.world, self.i = rank, world, 0
+        super().__init__()
+        self.rank, self.world = rank, world
 
     def __iter__(self):
         while True:
@@ -64,15 +54,6 @@ class SplitBatches:
             start = (micro * self.world + self.rank) * MICRO
             self.i += 1
             yield rows[start:start + MICRO, :-1], rows[start:start + MICRO, 1:]
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, states):
-        self.i = states[0]["i"]
-
-    def stats(self):
-        return {"batches": self.i}
 
 
 def _rank_worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
