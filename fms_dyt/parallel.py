@@ -39,7 +39,7 @@ class Dist:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a one-machine process group)."""
+    """A TCP port on 127.0.0.1 that is free now, for a process group of several local processes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -60,8 +60,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    alone = os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -74,10 +73,14 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     else:
         raise ConfigError(f"train.device={device!r}: use auto, cuda or cpu")
     if not dist.is_initialized():
+        # one process: an in-memory store, not a TCP port (two runs started at once picked the
+        # same "free" port and one died with EADDRINUSE)
+        store = dict(store=dist.HashStore(), rank=0, world_size=1) if alone else {}
         dist.init_process_group(
             backend=process_group_backend(dev),
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
+            **store,
         )
     return Dist(rank, world, local_rank, local_world, dev)
 

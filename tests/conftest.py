@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _restore_environment():
-    """``train()`` run in this process exports RANK, WORLD_SIZE and MASTER_PORT (a one-process
-    group): they must not reach the next test's ``train.py`` or torchrun subprocesses, which would
-    then join that group's rendezvous on a port already in use."""
+    """``train()`` run in this process exports RANK and WORLD_SIZE (a one-process group), and
+    some tests set MASTER_PORT: they must not reach the next test's ``train.py`` or torchrun
+    subprocesses, which would then join a rendezvous that is not theirs."""
     saved = dict(os.environ)
     yield
     os.environ.clear()

@@ -16,7 +16,6 @@ import torch
 from fms_dyt.analysis import figures as F
 from fms_dyt.analysis.activations import capture_norm_io, default_sites, parse_sites
 from fms_dyt.analysis.runs import AnalysisError, load_run, read_metrics
-from fms_dyt.parallel import free_port
 from fms_dyt.analyze import analyze, main
 from fms_dyt.inference import load_for_inference
 from fms_dyt.config import load_config
@@ -50,7 +49,6 @@ def _train(run_dir: Path, norm: str) -> Path:
     # train() sets up a one-process group (env vars) and SIGTERM/SIGUSR1 handlers: give this pytest process them back.
     saved_env = dict(os.environ)
     saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    os.environ["MASTER_PORT"] = str(free_port())
     try:
         assert train(cfg, data=RepeatedHalves()) == 0
     finally:

@@ -4,6 +4,8 @@ on a fake process group; gradient accumulation memory and global data counters o
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +49,28 @@ def fake_world_of_two():
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     yield _mesh(2)
     dist.destroy_process_group()
+
+
+ONE_PROCESS_GROUP = """
+import torch, torch.distributed as dist
+from fms_dyt.parallel import init_distributed
+init_distributed("cpu")
+t = torch.ones(1)
+dist.all_reduce(t)
+store = dist.distributed_c10d._get_default_store()
+print(type(getattr(store, "underlying_store", store)).__name__, t.item())
+"""
+
+
+def test_one_process_runs_started_together_share_no_port():
+    """``python train.py`` twice at once (tune's probes): each group lives in an in-memory store;
+    with a TCP port picked as "free" before listening, two runs took the same one (EADDRINUSE)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    procs = [subprocess.Popen([sys.executable, "-c", ONE_PROCESS_GROUP], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.split() == ["HashStore", "1.0"], out + err[-2000:]
 
 
 def test_layout_embedding_and_head_units_names_unchanged(fake_world_of_two):

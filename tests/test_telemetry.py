@@ -81,7 +81,6 @@ def _train(run_dir: Path, *overrides: str) -> Path:
     cfg = load_config([*TINY, f"train.max_steps={STEPS}", "logging.interval=10", "logging.telemetry_interval=2",
                        "checkpoint.interval=100", f"run_dir={run_dir}", *overrides])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    os.environ["MASTER_PORT"] = str(free_port())
     try:
         assert train(cfg, data=RandomBatches()) == 0
     finally:

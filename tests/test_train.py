@@ -150,7 +150,6 @@ def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path):
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
     cfg = load_config(BASE + ["train.global_batch_tokens=1000", "train.max_steps=1", f"run_dir={tmp_path}"])
-    os.environ.update(MASTER_PORT=str(free_port()))
     with pytest.raises(ConfigError, match="train.global_batch_tokens=1000"):
         train(cfg, data=FixedBatches(0, 1, 4))
     dist.destroy_process_group()
@@ -162,7 +161,6 @@ def test_non_finite_loss_skips_updates_then_aborts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
     cfg = load_config(BASE + ["train.max_steps=10", "train.max_bad_steps=3", f"run_dir={tmp_path}"])
-    os.environ.update(MASTER_PORT=str(free_port()))
     with pytest.raises(NonFiniteError, match="3 steps in a row"):
         train(cfg, data=FixedBatches(0, 1, 4))
     dist.destroy_process_group()
