@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 
@@ -25,6 +25,8 @@ from fms_dyt.analysis.runs import read_metrics
 from fms_dyt.checkpoint import complete_checkpoints
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
+EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -162,3 +164,21 @@ def result_of(p: Probe, metric: Metric) -> Result:
         return Result(p, None, f"train.py exited with {code}; log: {p.log}", wall_s)
     value, why = read_metric(p.run_dir, metric)
     return Result(p, value, None if why is None else f"{why}; log: {p.log}", wall_s)
+
+
+def run_command(prog: str, work: Callable[[], T], failure: type[Exception]) -> tuple[Optional[T], int]:
+    """``(work(), 0)``, or ``(None, exit code)`` after a one-line message: Ctrl-C (130; the runs in
+    flight got it too and saved a checkpoint), a configuration error (2), ``failure`` (1)."""
+    from fms_dyt.config import ConfigError
+
+    try:
+        return work(), 0
+    except KeyboardInterrupt:
+        print(f"\n{prog}: stopped; run the same command again to resume", file=sys.stderr)
+        return None, EXIT_STOPPED
+    except ConfigError as e:
+        print(f"{prog}: configuration error: {e}", file=sys.stderr)
+        return None, EXIT_USAGE
+    except failure as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None, EXIT_FAILED

@@ -24,10 +24,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fms_dyt.probe import Metric, Probe, Result, read_metric, run_probes
+from fms_dyt.probe import EXIT_FAILED, Metric, Probe, Result, read_metric, run_command, run_probes
 from fms_dyt.tune import Tune, TuneError, add_metric_args, metric_of, parse_grid, tune_alpha0
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
 FIRST_SEED = 2023  # the paper's seed; seed i of a study is FIRST_SEED + i
 
 
@@ -387,17 +386,11 @@ def parse_args(argv: Optional[list[str]] = None):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from fms_dyt.config import ConfigError
-
     ns, study = parse_args(argv)
-    try:
-        done = run_norms(study, ns.variant_list) if ns.study == "norms" else run_alpha0_width(study, ns.width_list)
-    except KeyboardInterrupt:  # the runs in flight got it too, and saved a checkpoint
-        print("\nfms_dyt.study: stopped; run the same command again to resume", file=sys.stderr)
-        return 130
-    except ConfigError as e:
-        print(f"fms_dyt.study: configuration error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    done, code = run_command("fms_dyt.study", lambda: run_norms(study, ns.variant_list) if ns.study == "norms"
+                             else run_alpha0_width(study, ns.width_list), TuneError)
+    if code:
+        return code
     print(f"report: {done['report']}")
     failed = [r for r in done["rows"] if "error" in r or r.get("ok") == 0]
     if len(failed) == len(done["rows"]):

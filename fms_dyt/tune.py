@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from fms_dyt.probe import TRAIN_PY, Metric, Probe, Result, default_last, result_of, run_probes
+from fms_dyt.probe import TRAIN_PY, Metric, Probe, Result, default_last, result_of, run_command, run_probes
 
 # the table's value below width 2048 (1) and the width-64 quickstart's best (4); 7 probes
 DEFAULT_GRID = (1.0, 2.0, 4.0)
 DEFAULT_STEPS = 50
-EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 class TuneError(RuntimeError):
@@ -275,20 +274,11 @@ def tune_alpha0(tune: Tune, launcher: str = "local", jobs: int = 1, submit: bool
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from fms_dyt.config import ConfigError
-
     ns, tune = parse_args(argv)
-    try:
-        summary = tune_alpha0(tune, ns.launcher, ns.jobs, submit=not ns.dry_run)
-    except KeyboardInterrupt:  # the runs in flight got it too, and saved a checkpoint
-        print("\nfms_dyt.tune: stopped; run the same command again to resume", file=sys.stderr)
-        return 130
-    except ConfigError as e:
-        print(f"fms_dyt.tune: configuration error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except TuneError as e:
-        print(f"fms_dyt.tune: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    summary, code = run_command("fms_dyt.tune", lambda: tune_alpha0(tune, ns.launcher, ns.jobs, submit=not ns.dry_run),
+                                TuneError)
+    if code:
+        return code
     if summary is None:
         return 0
     for row in summary["probes"]:

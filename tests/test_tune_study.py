@@ -13,7 +13,8 @@ import pytest
 
 from fms_dyt import study as S
 from fms_dyt import tune as T
-from fms_dyt.probe import Metric, Probe, finished, read_metric, result_of, run_probes
+from fms_dyt.config import ConfigError
+from fms_dyt.probe import Metric, Probe, finished, read_metric, result_of, run_command, run_probes
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS = Metric("loss", 2)
@@ -80,6 +81,21 @@ def test_study_arguments_reach_the_runs(tmp_path):
     assert run.index("model.dim=128") < run.index("optim.lr=1e-3") < run.index("norm=rmsnorm")
     assert "train.max_steps=7" in run and "checkpoint.interval=7" in run and "seed=2024" in run
     assert study.tune(ns.variant_list[1], tmp_path / "probe").grid == [1.0, 2.0]
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+@pytest.mark.parametrize("error, code, says", [
+    (KeyboardInterrupt(), 130, "stopped; run the same command again to resume"),
+    (ConfigError("norm.alpha_attn=-1: must be > 0"), 2, "configuration error: norm.alpha_attn=-1"),
+    (T.TuneError("every probe failed"), 1, "every probe failed"),
+])
+def test_tune_and_study_turn_errors_into_exit_codes(error, code, says, capsys):
+    assert run_command("fms_dyt.study", lambda: _raise(error), T.TuneError) == (None, code)
+    assert f"fms_dyt.study: {says}" in capsys.readouterr().err
+    assert run_command("fms_dyt.study", lambda: 7, T.TuneError) == (7, 0)
 
 
 def test_metric_reduction_is_the_mean_of_the_last_k_records(tmp_path):
