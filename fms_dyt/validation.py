@@ -5,7 +5,8 @@ Pile's own validation split, ``val.jsonl.zst``), otherwise the ``data.holdout`` 
 training files that training skips (``fms_dyt/data/holdout.py``). They are read in file order
 and row order, wrapped ``BOS doc EOS`` like training, packed into windows of ``train.seq_len + 1``
 tokens, and the first ``validation.tokens // (seq_len + 1)`` windows are kept: the same windows
-for every seed and every world size.
+for every seed and every world size. Rank 0 reads and tokenizes them and broadcasts the tensor:
+one reader, not 1,024 ranks streaming the same file from the hub at start-up.
 
 The same number for any world size: the windows are cut into fixed groups of
 ``train.micro_batch_size``; group ``g`` runs on rank ``g % world``, every rank runs the same
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,10 +117,36 @@ class Validation:
         return sum(sums.cpu().tolist()) / self.tokens
 
 
+def read_on_rank0(read: Callable[[], torch.Tensor], rank: int, world_size: int, device: torch.device) -> torch.Tensor:
+    """``read()`` on rank 0, broadcast to every rank. Rank 0's error reaches every rank too (a
+    ConfigError as one), so no rank waits for a tensor that never comes."""
+    if world_size == 1:
+        return read()
+    header: list = [None]
+    if rank == 0:
+        try:
+            windows = read()
+            header = [("ok", tuple(windows.shape))]
+        except Exception as e:
+            header = [("config" if isinstance(e, ConfigError) else "error", str(e))]
+            dist.broadcast_object_list(header, src=0, device=device)
+            raise
+    dist.broadcast_object_list(header, src=0, device=device)
+    kind, value = header[0]
+    if kind == "config":
+        raise ConfigError(value)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 could not read the validation windows: {value}")
+    buffer = windows.to(device) if rank == 0 else torch.empty(value, dtype=torch.long, device=device)
+    dist.broadcast(buffer, src=0)
+    return buffer
+
+
 def build_validation(cfg, rank: int, world_size: int, device: torch.device) -> Validation | None:
     """The run's validation (None when ``validation.interval`` is null), windows read and tokenized now."""
     v = cfg.validation
     if v.interval is None:
         return None
-    windows = heldout_windows(cfg.data, cfg.tokenizer, cfg.train.seq_len, v.tokens)
+    windows = read_on_rank0(lambda: heldout_windows(cfg.data, cfg.tokenizer, cfg.train.seq_len, v.tokens),
+                            rank, world_size, device)
     return Validation(windows, v.interval, cfg.train.micro_batch_size, rank, world_size, device)

@@ -144,39 +144,51 @@ def test_val_loss_every_interval_and_at_the_end_without_changing_training_and_an
 WORKER = """
 import json, sys, torch
 torch.set_num_threads(1)
-from fms_dyt.config import load_config
+import fms_dyt.validation as V
+from fms_dyt.config import ConfigError, load_config
 from fms_dyt.parallel import build_mesh, init_distributed
 from fms_dyt.trainer import build_model
-from fms_dyt.validation import build_validation
+reads, read = [], V.heldout_windows
+V.heldout_windows = lambda *args: reads.append(1) or read(*args)
 out, cfg = sys.argv[1], load_config(sys.argv[2:])
 d = init_distributed("cpu")
 model = build_model(cfg, d, build_mesh(cfg.parallel, d))
-validation = build_validation(cfg, d.rank, d.world_size, d.device)
-loss = validation.loss(model)
+try:
+    validation = V.build_validation(cfg, d.rank, d.world_size, d.device)
+    report = {"groups": len(validation.groups), "loss": repr(validation.loss(model)), "reads": len(reads)}
+except ConfigError as e:
+    report = {"error": str(e)}
 with open(f"{out}/rank{d.rank}.json", "w") as f:  # not stdout: the ranks' prints interleave
-    json.dump({"groups": len(validation.groups), "loss": repr(loss)}, f)
+    json.dump(report, f)
 """
 
 
-def test_val_loss_is_bit_identical_on_one_and_two_ranks(tmp_path):
+def _ranks(tmp_path, nproc: int, *overrides: str) -> list[dict]:
+    """WORKER's report of each of ``nproc`` ranks under torchrun."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    # 5 windows in groups of 2: 3 groups, on 2 ranks padded to 4 (the padding group is not counted)
-    args = [*TINY, "validation.interval=1", f"validation.tokens={5 * (SEQ + 1)}", "run_dir=unused"]
+    out = tmp_path / f"{nproc}_{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / str(nproc)
-        out.mkdir()
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={nproc}", str(script), str(out), *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
-        assert {r["groups"] for r in reports} == {3}, reports
-        results[nproc] = {r["loss"] for r in reports}
-    assert len(results[2]) == 1  # every rank has the same number
-    assert results[1] == results[2], results
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(script), str(out), *TINY, "validation.interval=1", "run_dir=unused", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+def test_val_loss_is_bit_identical_on_one_and_two_ranks_and_read_by_rank_0_alone(tmp_path):
+    # 5 windows in groups of 2: 3 groups, on 2 ranks padded to 4 (the padding group is not counted)
+    tokens = f"validation.tokens={5 * (SEQ + 1)}"
+    one, two = _ranks(tmp_path, 1, tokens), _ranks(tmp_path, 2, tokens)
+    assert {r["groups"] for r in one + two} == {3}, (one, two)
+    assert [r["reads"] for r in two] == [1, 0]  # rank 1 got the windows by broadcast
+    assert one[0]["loss"] == two[0]["loss"] == two[1]["loss"], (one, two)
+
+
+def test_rank_0s_validation_error_reaches_every_rank(tmp_path):
+    reports = _ranks(tmp_path, 2, "validation.tokens=1000000000")
+    assert all("validation.tokens=1000000000" in r.get("error", "") for r in reports), reports
 
 
 def test_a_resumed_run_may_change_what_it_validates_on_but_not_what_it_holds_out():
