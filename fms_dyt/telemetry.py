@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Optional
+from pathlib import Path
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -108,16 +109,37 @@ class Telemetry:
 
     def __init__(self, inputs: torch.Tensor, interval: int, total_steps: int, warn: bool):
         self.inputs, self.interval, self.total_steps, self.warn = inputs, interval, total_steps, warn
-        self.first_rms: dict[str, tuple[int, float]] = {}  # site -> (step, input RMS) of this process's first pass
+        self.first_rms: dict[str, tuple[int, float]] = {}  # site -> (step, input RMS) of the run's first pass
         # site -> (step, input RMS, saturated) of the passes in the saturation warning's window
         self.history: dict[str, list[tuple[int, float, float]]] = {}
         self.warned: set[tuple[str, str]] = set()
+        self.replaying = False
+
+    def replay(self, records: Iterable[dict]) -> None:
+        """Take up the warnings' baselines and windows from the passes a resumed run logged, so a
+        growth is still measured from the run's first pass; nothing is warned while replaying."""
+        self.replaying = True
+        try:
+            for record in records:
+                values = {k: v for k, v in record.items() if k.startswith("telemetry/")}
+                if values:
+                    self._check(values, record["step"])
+        finally:
+            self.replaying = False
 
     @classmethod
-    def for_run(cls, cfg, total_steps: int, is_main: bool) -> Optional["Telemetry"]:
-        """None when ``logging.telemetry_interval`` is null."""
+    def for_run(cls, cfg, total_steps: int, is_main: bool, resumed: bool) -> Optional["Telemetry"]:
+        """None when ``logging.telemetry_interval`` is null; a resumed run's warnings go on from its
+        ``metrics.jsonl`` (rank 0, the one that warns)."""
         interval = cfg.logging.telemetry_interval
-        return None if interval is None else cls(fixed_batch(cfg), interval, total_steps, is_main)
+        if interval is None:
+            return None
+        telemetry = cls(fixed_batch(cfg), interval, total_steps, is_main)
+        if resumed and is_main:
+            from fms_dyt.analysis.runs import read_metrics
+
+            telemetry.replay(read_metrics(Path(cfg.run_dir) / "metrics.jsonl").records)
+        return telemetry
 
     @property
     def plateau_steps(self) -> int:
@@ -163,6 +185,6 @@ class Telemetry:
                                 "gradient; %s", step, 100 * saturated, site, history[0][0], rms, HINT)
 
     def _warn_once(self, site: str, condition: str, message: str, *args) -> None:
-        if (site, condition) not in self.warned:
+        if not self.replaying and (site, condition) not in self.warned:
             self.warned.add((site, condition))
             log.warning("telemetry: " + message, *args)

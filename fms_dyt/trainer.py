@@ -185,7 +185,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
     metrics = MetricsLogger(str(run_dir), cfg, enabled=d.is_main, resumed_step=step)
     meter = Throughput(flops_per_token(args, cfg.train.seq_len), peak_flops(d.device, cfg.parallel.peak_tflops), d.world_size)
     eta = Eta(step, total_steps)
-    telemetry = Telemetry.for_run(cfg, total_steps, d.is_main)  # None when logging.telemetry_interval is null
+    telemetry = Telemetry.for_run(cfg, total_steps, d.is_main, resumed=step > 0)  # None: logging.telemetry_interval null
     batches = iter(data)
     bad_steps, data_wait = 0, 0.0
     if d.device.type == "cuda":

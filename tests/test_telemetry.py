@@ -173,6 +173,18 @@ def test_warnings_fire_once_on_a_stuck_saturated_model_and_not_on_a_fresh_one(ca
     assert len(caplog.records) == len(messages)  # once per site and condition, not again at step 5
 
 
+def test_a_resumed_run_measures_growth_from_the_runs_first_pass_and_replays_silently(caplog):
+    logged = [{"step": 10, "loss": 7.0, "telemetry/input_rms/final": 1.0},
+              {"step": 20, "loss": 6.0},
+              {"step": 30, "telemetry/input_rms/final": 150.0}]  # warned about before the resume
+    telemetry = Telemetry(torch.zeros(1, 1, dtype=torch.long), interval=10, total_steps=100, warn=True)
+    with caplog.at_level(logging.WARNING, logger="fms_dyt"):
+        telemetry.replay(logged)
+        assert not caplog.records
+        telemetry._check({"telemetry/input_rms/final": 120.0}, step=40)  # 120x the first pass, not 0.8x the last
+    assert [r.getMessage() for r in caplog.records if "has grown 120x since step 10" in r.getMessage()], caplog.text
+
+
 def test_the_analysis_draws_each_runs_telemetry_and_notes_a_run_without(runs, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
