@@ -60,7 +60,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    alone = os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ
+    alone = os.environ["WORLD_SIZE"] == "1"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))

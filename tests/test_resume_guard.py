@@ -103,9 +103,6 @@ class Batches:
 
 
 def _train(run_dir, *overrides):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     try:
         return train(load_config([*TINY, "checkpoint.interval=2", f"run_dir={run_dir}", *overrides]), data=Batches())
     finally:
