@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,9 +24,10 @@ from omegaconf import OmegaConf
 
 from fms_dyt.analysis.runs import read_metrics
 from fms_dyt.checkpoint import complete_checkpoints
+from fms_dyt.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
-EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
+EXIT_FAILED, EXIT_USAGE = 1, 2
 T = TypeVar("T")
 
 
@@ -122,15 +124,36 @@ def probe_env(jobs: int) -> dict:
     return env
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGUSR1 reached the tune or study (a Slurm time limit, ``kill``): passed on to the
+    runs in flight, which finish their step, save a checkpoint and exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"got {signal.Signals(signum).name}")
+
+
 def run_probes(probes: Sequence[Probe], metric: Metric, jobs: int = 1,
                echo: Callable[[str], None] = print) -> list[Result]:
-    """Run every probe not finished before, ``jobs`` at a time; one Result per probe, in order."""
+    """Run every probe not finished before, ``jobs`` at a time; one Result per probe, in order.
+    SIGTERM or SIGUSR1 to this process alone reaches the probes in flight too (``Stopped``)."""
     env = probe_env(jobs)
+    stopping = False
+
+    def pass_on(signum, frame):
+        nonlocal stopping
+        for _, proc, _, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(signum)  # train.py takes the same signal twice (a whole group's) as once
+        if not stopping:
+            stopping = True
+            raise Stopped(signum)
+
     pending = [p for p in probes if not finished(p)]
     for p in probes:
         if p not in pending:
             echo(f"{p.name}: finished before ({p.run_dir}), not run again")
     running: list[tuple[Probe, subprocess.Popen, float, object]] = []
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -150,9 +173,12 @@ def run_probes(probes: Sequence[Probe], metric: Metric, jobs: int = 1,
                     echo(f"{p.name}: exit {proc.returncode} after {wall_s:.0f} s")
             time.sleep(0.2)
     finally:  # Ctrl-C reaches the children too: they checkpoint and stop; wait for them
+        stopping = True  # from here a signal is only passed on
         for p, proc, _, log in running:
             proc.wait()
             log.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return [result_of(p, metric) for p in probes]
 
 
@@ -168,14 +194,19 @@ def result_of(p: Probe, metric: Metric) -> Result:
 
 def run_command(prog: str, work: Callable[[], T], failure: type[Exception]) -> tuple[Optional[T], int]:
     """``(work(), 0)``, or ``(None, exit code)`` after a one-line message: Ctrl-C (130; the runs in
-    flight got it too and saved a checkpoint), a configuration error (2), ``failure`` (1)."""
+    flight got it too and saved a checkpoint), SIGTERM/SIGUSR1 (75, likewise), a configuration
+    error (2), ``failure`` (1)."""
     from fms_dyt.config import ConfigError
 
     try:
         return work(), 0
     except KeyboardInterrupt:
         print(f"\n{prog}: stopped; run the same command again to resume", file=sys.stderr)
-        return None, EXIT_STOPPED
+        return None, EXIT_INTERRUPTED
+    except Stopped as e:
+        print(f"{prog}: {e}: the runs in flight saved a checkpoint; run the same command again to resume",
+              file=sys.stderr)
+        return None, EXIT_PREEMPTED
     except ConfigError as e:
         print(f"{prog}: configuration error: {e}", file=sys.stderr)
         return None, EXIT_USAGE

@@ -14,7 +14,7 @@ import pytest
 from fms_dyt import study as S
 from fms_dyt import tune as T
 from fms_dyt.config import ConfigError
-from fms_dyt.probe import Metric, Probe, finished, read_metric, result_of, run_command, run_probes
+from fms_dyt.probe import Metric, Probe, Stopped, finished, read_metric, result_of, run_command, run_probes
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS = Metric("loss", 2)
@@ -184,6 +184,44 @@ def test_finished_runs_are_not_run_again(tmp_path):
     assert "no_such_key" in broken.log.read_text()
     assert any("done: finished before" in s for s in seen)
     assert not any(s.startswith("done: started") for s in seen)
+
+
+CHECKPOINTING_RUN = """
+import signal, sys, time
+def stop(signum, frame):
+    open(sys.argv[1], "w").write(signal.Signals(signum).name)  # stands for: finish the step, save
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+class _Sleeper(Probe):
+    def command(self):
+        return [sys.executable, "-c", CHECKPOINTING_RUN, str(self.run_dir.parent / "got")]
+
+
+def test_sigterm_to_the_tune_alone_reaches_the_runs_in_flight(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    probe = _Sleeper("sleeper", [], tmp_path / "sleeper")
+
+    def kill_when_ready():
+        while not (probe.log.is_file() and "ready" in probe.log.read_text()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_when_ready, daemon=True).start()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match="got SIGTERM"):
+        run_probes([probe], LOSS, echo=lambda _: None)
+    assert (tmp_path / "got").read_text() == "SIGTERM"  # it stopped as a run does, and was waited for
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert run_command("fms_dyt.tune", lambda: _raise(Stopped(signal.SIGTERM)), T.TuneError) == (None, 75)
 
 
 # ---- the study's report -------------------------------------------------------------------------
