@@ -48,7 +48,7 @@ NORM_VARIANTS = (
 # The α₀ question is asked of DyT blocks with a scale-free final norm: an all-DyT model at these
 # widths saturates its final norm within ~30 steps whatever α₀ (docs/quickstart.md), which would
 # hide the blocks' optimum. norm.final=null on the command line asks it of all-DyT models.
-WIDTH_VARIANT = Variant("dyt_final_rmsnorm", ("norm=dyt", "norm.final=rmsnorm"))
+WIDTH_VARIANT = next(v for v in NORM_VARIANTS if v.name == "dyt_final_rmsnorm")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,11 @@ def run_norms(study: Study, variants: Sequence[Variant], echo=print) -> dict:
     rows = [variant_row(v.name, [by_name[p.name] for p in runs[v.name]]) if v.name in runs
             else {"variant": v.name, "error": probe_error} for v in variants]
     analysis = analyze_runs([by_name[ps[0].name] for ps in runs.values()], study.out / "analysis", echo)
-    report = norms_report(study, rows, results, analysis, probed)
+    return write_report(study, rows, norms_report(study, rows, results, analysis, probed))
+
+
+def write_report(study: Study, rows: list[dict], report: str) -> dict:
+    """``report.md`` and ``summary.json`` (the rows) of a study; what ``main`` reads back."""
     study.out.mkdir(parents=True, exist_ok=True)
     (study.out / "report.md").write_text(report)
     (study.out / "summary.json").write_text(json.dumps({"metric": study.metric.describe(), "rows": rows}, indent=2) + "\n")
@@ -278,11 +282,7 @@ def run_alpha0_width(study: Study, widths: Sequence[int], echo=print) -> dict:
         except TuneError as e:
             echo(f"width {w}: {e}")
             rows.append({"width": w, "error": str(e)})
-    report = width_report(study, rows)
-    study.out.mkdir(parents=True, exist_ok=True)
-    (study.out / "report.md").write_text(report)
-    (study.out / "summary.json").write_text(json.dumps({"metric": study.metric.describe(), "rows": rows}, indent=2) + "\n")
-    return {"rows": rows, "report": study.out / "report.md"}
+    return write_report(study, rows, width_report(study, rows))
 
 
 def table_alpha(width: int) -> list[float]:
@@ -378,9 +378,6 @@ def parse_args(argv: Optional[list[str]] = None):
         p.error(f"--widths={ns.widths!r}: give comma-separated integers, e.g. 64,128,256")
     if any(w < 8 or w % 8 for w in ns.width_list) or len(ns.width_list) < 1:
         p.error(f"--widths={ns.widths!r}: widths must be positive multiples of 8 (4 heads of an even size)")
-    bad = [o for o in ns.overrides if "=" not in o and not o.startswith("~")]
-    if bad:
-        p.error(f"{bad[0]!r} is neither an option of fms_dyt.study nor a Hydra override key=value")
     out = (ns.out or Path(f"runs/study_{ns.study.replace('-', '_')}")).resolve()
     return ns, Study(out, preset, ns.overrides, ns.seeds, metric, ns.jobs)
 

@@ -219,6 +219,10 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
 
 
 def metric_of(p: argparse.ArgumentParser, ns) -> Metric:
+    """The checks both commands share (``--last``, ``--jobs``, the overrides); the ranking metric."""
+    bad = [o for o in ns.overrides if "=" not in o and not o.startswith("~")]
+    if bad:
+        p.error(f"{bad[0]!r} is neither an option of {p.prog} nor a Hydra override key=value")
     if ns.last is not None and ns.last < 1:
         p.error(f"--last={ns.last} must be at least 1")
     if ns.jobs < 1:
@@ -244,9 +248,6 @@ def parse_args(argv: Optional[list[str]] = None):
         p.error(str(e))
     if ns.steps < 1:
         p.error(f"--steps={ns.steps} must be at least 1")
-    bad = [o for o in ns.overrides if "=" not in o and not o.startswith("~")]
-    if bad:
-        p.error(f"{bad[0]!r} is neither an option of fms_dyt.tune nor a Hydra override key=value")
     return ns, Tune(ns.overrides, grid, ns.steps, ns.out.resolve(), metric_of(p, ns))
 
 

@@ -123,15 +123,16 @@ def read_on_rank0(read: Callable[[], torch.Tensor], rank: int, world_size: int, 
     if world_size == 1:
         return read()
     header: list = [None]
+    error = None
     if rank == 0:
         try:
             windows = read()
             header = [("ok", tuple(windows.shape))]
         except Exception as e:
-            header = [("config" if isinstance(e, ConfigError) else "error", str(e))]
-            dist.broadcast_object_list(header, src=0, device=device)
-            raise
+            error, header = e, [("config" if isinstance(e, ConfigError) else "error", str(e))]
     dist.broadcast_object_list(header, src=0, device=device)
+    if error is not None:
+        raise error
     kind, value = header[0]
     if kind == "config":
         raise ConfigError(value)
