@@ -92,6 +92,9 @@ def run(args: argparse.Namespace, manager=None) -> Report | None:
     with torch.no_grad():
         out = simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=manager, limit=args.limit,
                               log_samples=False)
+    if accelerator is not None:  # every rank is past its collectives: close the group before exit,
+        accelerator.wait_for_everyone()  # or gloo's threads can abort the interpreter ("terminate called")
+        accelerator.end_training()
     if out is None:
         return None
     settings = {
