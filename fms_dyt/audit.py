@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 # Ops that read a device value on the host.
 _HOST_READS = {"aten._local_scalar_dense", "aten.item"}
@@ -43,7 +43,7 @@ def collective_kind(func) -> str | None:
     if func.namespace not in ("c10d", "_c10d_functional"):
         return None
     name = func._schema.name.split("::")[-1].strip("_").replace("all_", "all")
-    if name.startswith("wait"):
+    if name.startswith(("wait", "wrap")):  # wait_tensor, _wrap_tensor_autograd: no communication
         return None
     for kind in ("allgather", "reduce_scatter", "allreduce"):
         if kind in name:
@@ -54,11 +54,22 @@ def collective_kind(func) -> str | None:
 def _group(args) -> str:
     """The description of the process group a c10d op runs on (``default_pg``, ``mesh_shard``,
     or what ``new_group(group_desc=...)`` named it)."""
+    for group in process_groups(args):
+        return group.group_desc or group.group_name
+    return "?"
+
+
+def process_groups(args):
+    """The process groups among a c10d op's arguments: boxed (``c10d`` ops) or named by a string
+    (``_c10d_functional`` ops, e.g. the all-reduce of a DTensor's norm)."""
     for a in args:
         if isinstance(a, torch.ScriptObject) and "ProcessGroup" in str(a._type()):
-            group = torch.distributed.ProcessGroup.unbox(a)
-            return group.group_desc or group.group_name
-    return "?"
+            yield torch.distributed.ProcessGroup.unbox(a)
+        elif isinstance(a, str):
+            try:
+                yield torch.distributed.distributed_c10d._resolve_process_group(a)
+            except (RuntimeError, ValueError, KeyError):
+                pass  # another string argument, e.g. the reduce op ("sum")
 
 
 class StepAudit(TorchDispatchMode):
@@ -81,6 +92,11 @@ class StepAudit(TorchDispatchMode):
         self.collective_bytes.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(is_traceable_wrapper_subclass(t) for t in _tensors([*args, *(kwargs or {}).values()])):
+            # A DTensor op: let DTensor run it, with this mode still active, so that the ops it
+            # issues on the local shards are seen -- among them the collectives of an implicit
+            # redistribution (clip_grad_norm_'s all-reduce of the norm), hidden from the mode otherwise.
+            return NotImplemented
         kwargs = kwargs or {}
         name = _op_name(func)
         if name in _HOST_READS:
