@@ -128,32 +128,65 @@ class _Mallinfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+_LIBC = None
+
+
 def _malloc_in_use() -> int:
-    """Bytes glibc has handed out and not taken back: mmapped blocks (any thread) and the main heap."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _Mallinfo2
-    info = libc.mallinfo2()
+    """Bytes glibc has handed out and not taken back: mmapped blocks (any thread) and the main heap.
+    The library is loaded on the first call and kept."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.mallinfo2.restype = _Mallinfo2
+    info = _LIBC.mallinfo2()
     return info.hblkhd + info.uordblks
 
 
+# An operation's output of this size or more is a block of its own (MALLOC_MMAP_THRESHOLD_, _env).
+_SAMPLED_BYTES = 65536
+
+
 def _malloc_peak():
-    """The C library's bytes in use, sampled after every tensor operation: the allocator's own
-    accounting, independent of fms-dyt's meter. (torch.profiler's allocation events miss the frees
-    made on gloo's threads, so their running total only grows.) With MALLOC_MMAP_THRESHOLD_ fixed,
-    every tensor above 64 KiB is a block of its own that leaves the count when it is freed."""
+    """The C library's bytes in use, sampled where they can peak: after every tensor operation that
+    allocates a block of its own, and after every collective (gloo's copies of its buffers are
+    alive when the op returns). This is the allocator's own accounting, independent of fms-dyt's
+    meter. (torch.profiler's allocation events miss the frees made on gloo's threads, so their
+    running total only grows.) With MALLOC_MMAP_THRESHOLD_ fixed, every tensor above 64 KiB is a
+    block of its own that leaves the count when it is freed; the count only grows when something
+    is allocated, so an operation whose outputs are views or inputs written in place, or smaller
+    than a block, cannot set a peak that the next sample would not see, bar those few small bytes.
+    mallinfo2 walks every arena's free lists, so a sample is not free: sampling after every
+    operation made the accumulation run take minutes on a loaded machine."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class MallocPeak(TorchDispatchMode):
+        samples = 0
+
         def __enter__(self):
             self.baseline = self.peak = _malloc_in_use()
             return super().__enter__()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, _malloc_in_use())
+            if func.namespace == "c10d" or _allocates(out, args):
+                self.samples += 1
+                self.peak = max(self.peak, _malloc_in_use())
             return out
 
     return MallocPeak()
+
+
+def _allocates(out, args) -> bool:
+    """Whether ``out`` holds a storage of at least :data:`_SAMPLED_BYTES` that none of ``args`` holds."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+            and t.untyped_storage().nbytes() >= _SAMPLED_BYTES]
+    if not outs:
+        return False
+    inputs = {t.untyped_storage()._cdata for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+    return any(t.untyped_storage()._cdata not in inputs for t in outs)
 
 
 if __name__ == "__main__":
