@@ -182,7 +182,8 @@ def simulate(cfg, nodes: int, gpus_per_node: int) -> dict:
             tokens = torch.randint(0, vocab, (t.micro_batch_size, t.seq_len))
             batches = itertools.repeat((tokens, tokens))
             audit = _FakeStepAudit()
-            with meter, _fsdp_roles(meter), _optimizer_role(meter, optimizer), audit:
+            # The audit below the meter: the meter sees DTensor ops whole, as the trainer holds them.
+            with audit, meter, _fsdp_roles(meter), _optimizer_role(meter, optimizer):
                 for step in range(1, STEPS + 1):
                     audit.reset()  # the last step is reported: the first one also creates AdamW's state
                     # As fms_dyt.trainer's loop calls it on every step.
