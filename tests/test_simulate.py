@@ -97,6 +97,38 @@ def test_a_config_that_does_not_fit_fails_with_the_figures():
     assert "does not fit" in out.stderr and "80 GiB" in out.stderr
 
 
+@pytest.fixture(scope="module")
+def llama7b_dyt() -> dict:
+    """The 7B DyT paper run simulated at its full size, 64 nodes x 8 GPUs (about 20 s)."""
+    return _simulate(["experiment=llama7b_dyt"], nodes=64, gpus_per_node=8)
+
+
+def test_simulated_collectives_are_the_planned_ones_and_are_timed(llama7b_dyt):
+    p = llama7b_dyt
+    simulated, planned = p["collectives_per_step"], p["comm_per_step"]
+    for kind in ("allgather", "reduce_scatter"):  # FSDP2's, on the 8 GPUs of a node (hybrid sharding)
+        assert simulated[kind]["count"] == planned[kind]["count"], kind
+        assert simulated[kind]["bytes"] == pytest.approx(planned[kind]["bytes"], rel=1e-3), kind
+    groups = {(g["kind"], g["group"]): g for g in p["collectives_per_step_by_group"]}
+    assert {(g["ranks"], g["nodes"]) for (kind, _), g in groups.items() if kind != "allreduce"} == {(8, 1)}
+    # Across the 64 replicas, one GPU a node: each unit's reduced shard, fp32.
+    across = [g for g in groups.values() if g["kind"] == "allreduce" and g["ranks"] == 64]
+    assert len(across) == 1 and across[0]["nodes"] == 64
+    assert across[0]["count"] == planned["allreduce"]["count"]
+    assert across[0]["bytes"] == pytest.approx(planned["allreduce"]["bytes"], rel=1e-3)
+    assert across[0]["seconds"] == pytest.approx(2 * 63 / 64 * across[0]["bytes"] / 50e9, rel=1e-3)
+    assert p["simulated_comm_s_per_step"] == pytest.approx(p["comm_s_per_step"], rel=0.01)
+
+
+def test_a_non_log_step_reads_nothing_back_and_adds_one_reduction_to_fsdp(llama7b_dyt):
+    """The trainer's step between log steps (issue 20): no device-to-host read, and besides FSDP2's
+    own collectives only the gradient norm's reduction."""
+    p = llama7b_dyt
+    assert p["host_syncs_per_step"] == 0, p["host_reads_per_step"]
+    fsdp = p["comm_per_step"]["allreduce"]["count"]
+    assert p["collectives_per_step"]["allreduce"]["count"] <= fsdp + 1, p["collectives_per_step_by_group"]
+
+
 def _real_run(result: str, overrides: list[str]) -> None:
     """Two steps of the trainer's step on real CPU tensors; rank 0 writes its peak bytes in use."""
     import torch
