@@ -392,8 +392,18 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
     names = [u for u in names if units[u] or u != "root"]
     per_micro_gather = names + [u for u in names if u in ("block", "embedding")]
     exposed = comm = 0.0
+    counts = {"allgather": 0, "reduce_scatter": 0, "allreduce": 0}
+    nbytes = dict.fromkeys(counts, 0)
     for micro in range(accum):
         last = micro == accum - 1
+        counts["allgather"] += len(per_micro_gather)
+        nbytes["allgather"] += sum(units[u] for u in per_micro_gather) * compute
+        if last or not defer_grad_sync:
+            counts["reduce_scatter"] += len(names)
+            nbytes["reduce_scatter"] += sum(units[u] for u in names) * reduce
+        if last and replicas > 1:
+            counts["allreduce"] += len(names)
+            nbytes["allreduce"] += sum(units[u] for u in names) / shard * reduce
         # forward: gathers in order, each hidden behind the unit before it
         exposed += gather(units[names[0]])
         for prev, nxt in zip(names, names[1:]):
@@ -407,20 +417,7 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
             exposed += max(0.0, prefetch + reducing - unit_compute_s[unit][1])
         exposed += reduction(units["embedding"], last) + (reduction(root, last) if root else 0.0)
         comm += gather(sum(units[u] for u in per_micro_gather)) + reduction(sum(units[u] for u in names), last)
-
-    counts = {"allgather": 0, "reduce_scatter": 0, "allreduce": 0}
-    nbytes = dict.fromkeys(counts, 0)
-    for micro in range(accum):
-        last = micro == accum - 1
-        counts["allgather"] += len(per_micro_gather)
-        nbytes["allgather"] += sum(units[u] for u in per_micro_gather) * compute
-        if last or not defer_grad_sync:
-            counts["reduce_scatter"] += len(names)
-            nbytes["reduce_scatter"] += sum(units[u] for u in names) * reduce
-        if last and replicas > 1:
-            counts["allreduce"] += len(names)
-            nbytes["allreduce"] += sum(units[u] for u in names) / shard * reduce
-    if shard == 1:  # no sharding: FSDP2 gathers and reduce-scatters on one rank, which moves nothing
+    if shard == 1:  # sharding=none: FSDP2 issues no all-gather or reduce-scatter (as --simulate counts)
         counts["allgather"] = counts["reduce_scatter"] = 0
         nbytes["allgather"] = nbytes["reduce_scatter"] = 0
     per_kind = {k: {"count": counts[k], "bytes": int(nbytes[k])} for k in counts if counts[k]}
@@ -614,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run one micro-batch on the CPU and compare its activation memory with the plan")
     parser.add_argument("--simulate", action="store_true",
                         help="also run two training steps of rank 0 on fake tensors at the full world size "
-                             "and report its peak memory (fms_dyt.simulate)")
+                             "and report its peak memory, and the collectives (count, bytes, link time) and "
+                             "device-to-host reads of its last step (fms_dyt.simulate)")
     ns = parser.parse_intermixed_args(argv)
     if not 0 < ns.mfu <= 1:
         print(f"fms_dyt.plan: --mfu {ns.mfu} must be within (0, 1]", file=sys.stderr)
