@@ -84,6 +84,12 @@ def test_gradients_stay_shard_sized_with_accumulation_unless_deferred():
         # Like with like (at this size the 2 GiB overhead both figures add would hide any gap).
         planned = p["memory_per_gpu_gib"] - p["memory_gib"]["overhead"]
         assert planned == pytest.approx(p["simulated_tensor_peak_gib"], rel=0.15)
+        # The planner's collectives are the step's: gathers every micro-batch, reduce-scatters
+        # every micro-batch or (deferred) on the last one only.
+        for kind in ("allgather", "reduce_scatter"):
+            assert p["collectives_per_step"][kind]["count"] == p["comm_per_step"][kind]["count"], kind
+            assert p["collectives_per_step"][kind]["bytes"] == pytest.approx(p["comm_per_step"][kind]["bytes"], rel=1e-3)
+    assert deferred["comm_per_step"]["reduce_scatter"]["count"] * 8 == default["comm_per_step"]["reduce_scatter"]["count"]
 
 
 def test_a_config_that_does_not_fit_fails_with_the_figures():
