@@ -490,10 +490,10 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
         "mfu": mfu,
         "network": network.describe(),
         "comm_per_step": comm["comm_per_step"],
-        "compute_s_per_step": round(compute_s, 4),
-        "comm_s_per_step": round(comm["comm_s_per_step"], 4),
-        "exposed_comm_s_per_step": round(comm["exposed_comm_s_per_step"], 4),
-        "step_s": round(step_s, 4),
+        "compute_s_per_step": round(compute_s, 6),
+        "comm_s_per_step": round(comm["comm_s_per_step"], 6),
+        "exposed_comm_s_per_step": round(comm["exposed_comm_s_per_step"], 6),
+        "step_s": round(step_s, 6),
         "compute_tokens_per_s_per_gpu": round(tokens * accum / compute_s, 1),
         "tokens_per_s_per_gpu": round(tps_gpu, 1),
         "mfu_effective": round(tps_gpu * fpt / spec.peak_flops, 4),
@@ -563,14 +563,14 @@ def format_plan(p: dict) -> str:
     comm = ", ".join(f"{kind} {c['count']} x, {c['bytes'] / 1e9:.2f} GB" for kind, c in p["comm_per_step"].items())
     lines.append(
         f"communication per step and GPU (FSDP2, planned): {comm or 'none'}; "
-        f"{p['comm_s_per_step']:.3f} s on the links (NVLink {net['intra_node_GB_s']:.0f} GB/s, "
-        f"InfiniBand {net['inter_node_Gbit_s']:.0f} Gb/s per GPU), {p['exposed_comm_s_per_step']:.3f} s not hidden "
-        f"behind {p['compute_s_per_step']:.3f} s of compute"
+        f"{p['comm_s_per_step']:.3g} s on the links (NVLink {net['intra_node_GB_s']:.0f} GB/s, "
+        f"InfiniBand {net['inter_node_Gbit_s']:.0f} Gb/s per GPU), {p['exposed_comm_s_per_step']:.3g} s not hidden "
+        f"behind {p['compute_s_per_step']:.3g} s of compute"
     )
     if "collectives_per_step" in p:
         sim = ", ".join(f"{kind} {c['count']} x, {c['bytes'] / 1e9:.2f} GB"
                         for kind, c in p["collectives_per_step"].items())
-        lines.append(f"simulated step of rank 0: collectives {sim or 'none'} ({p['simulated_comm_s_per_step']:.3f} s "
+        lines.append(f"simulated step of rank 0: collectives {sim or 'none'} ({p['simulated_comm_s_per_step']:.3g} s "
                      f"on the links); {p['host_syncs_per_step']} device-to-host read(s)")
     lines.append(
         f"{p['flops_per_token']:.3g} FLOP per token; at MFU {p['mfu']:.2f} while computing, with the exposed "
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         network = Network.of(GPUS[ns.gpu], ns.nvlink_gbs, ns.network_gbits)
         for entry in p["collectives_per_step_by_group"]:
             entry["seconds"] = round(network.seconds(entry["kind"], entry["bytes"], entry["ranks"], entry["nodes"]), 6)
-        p["simulated_comm_s_per_step"] = round(sum(e["seconds"] for e in p["collectives_per_step_by_group"]), 4)
+        p["simulated_comm_s_per_step"] = round(sum(e["seconds"] for e in p["collectives_per_step_by_group"]), 6)
     print(json.dumps(p) if ns.json else format_plan(p))
     if ns.simulate:
         needed = p["simulated_peak_gib"]
