@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 
 # Ops that read a device value on the host.
 _HOST_READS = {"aten._local_scalar_dense", "aten.item"}
 # Copies that may move a device tensor to the host: counted when the source is not on the CPU.
 _COPIES = {"aten._to_copy", "aten.copy_", "aten.to"}
+# What a c10d op can be; anything else in those namespaces (``_wrap_tensor_autograd``) moves no data.
+_KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "barrier", "reduce", "gather",
+          "scatter", "send", "recv")
 
 
 def _op_name(func) -> str:
@@ -45,19 +48,28 @@ def collective_kind(func) -> str | None:
     name = func._schema.name.split("::")[-1].strip("_").replace("all_", "all")
     if name.startswith("wait"):
         return None
-    for kind in ("allgather", "reduce_scatter", "allreduce"):
+    for kind in ("allgather", "reduce_scatter", "allreduce", "alltoall"):
         if kind in name:
             return kind
-    return name.removesuffix("_base").split("_")[0]
+    kind = name.removesuffix("_base").split("_")[0]
+    return kind if kind in _KINDS else None
 
 
-def _group(args) -> str:
+def _group(func, args) -> str:
     """The description of the process group a c10d op runs on (``default_pg``, ``mesh_shard``,
-    or what ``new_group(group_desc=...)`` named it)."""
+    or what ``new_group(group_desc=...)`` named it). Functional collectives (DTensor's) name their
+    group by its registered name: the last string argument."""
     for a in args:
         if isinstance(a, torch.ScriptObject) and "ProcessGroup" in str(a._type()):
             group = torch.distributed.ProcessGroup.unbox(a)
             return group.group_desc or group.group_name
+    names = [a for a in args if isinstance(a, str)]
+    if func.namespace == "_c10d_functional" and names:
+        try:
+            group = torch.distributed.distributed_c10d._resolve_process_group(names[-1])
+            return group.group_desc or group.group_name
+        except (RuntimeError, ValueError):
+            return names[-1]
     return "?"
 
 
@@ -81,6 +93,10 @@ class StepAudit(TorchDispatchMode):
         self.collective_bytes.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(is_traceable_wrapper_subclass_type(t) for t in types):
+            # A DTensor op: let DTensor run it, so that the local ops and the collectives it issues
+            # (a norm's reduction, a redistribution) come back here and are counted.
+            return NotImplemented
         kwargs = kwargs or {}
         name = _op_name(func)
         if name in _HOST_READS:
@@ -90,7 +106,7 @@ class StepAudit(TorchDispatchMode):
         else:
             kind = collective_kind(func)
             if kind is not None:
-                key = (kind, _group(list(args) + list(kwargs.values())))
+                key = (kind, _group(func, list(args) + list(kwargs.values())))
                 self.collectives[key] += 1
                 sizes = [t.numel() * t.element_size() for t in _tensors(list(args))]
                 self.collective_bytes[key] += max(sizes, default=0)
