@@ -1,7 +1,7 @@
 """The fms-dyt training loop: build, resume, step, log, checkpoint, stop cleanly.
 
 Exit codes: 0 when ``train.max_steps`` is reached; 75 (EX_TEMPFAIL) after SIGTERM or SIGUSR1,
-once the current step is done and a checkpoint is saved (run the same command again to resume);
+once the step after the signal is done and a checkpoint is saved (run the same command again to resume);
 130 after Ctrl-C, likewise (a second Ctrl-C stops at once); 2 for a configuration that cannot
 work or that would change the run already in ``run_dir``; 1 on other errors. See fms_dyt/stop.py.
 """
@@ -269,8 +269,8 @@ def _train(cfg, data, stop: StopRequest) -> int:
             # The step's one read of the device and one collective (a gather to rank 0, on the CPU).
             stats = log_stats(result, skips, model, data.stats(), host, d.is_main)
             skips.check(stats, step, cfg.train.max_bad_steps, d.is_main)
-            values = {"lr": lr, "tokens_seen": tokens_seen, **meter.read(), "step_time_s": time.perf_counter() - t_step,
-                      "data_wait_s": data_wait, **stats}
+            values = {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"], "tokens_seen": tokens_seen,
+                      **meter.read(), "step_time_s": time.perf_counter() - t_step, "data_wait_s": data_wait, **stats}
             data_wait = 0.0
             if probe:  # every rank: the pass gathers parameters
                 values.update(telemetry(model, step))
