@@ -46,7 +46,7 @@ def collective_kind(func) -> str | None:
     if func.namespace not in ("c10d", "_c10d_functional"):
         return None
     name = func._schema.name.split("::")[-1].strip("_").replace("all_", "all")
-    if name.startswith("wait"):
+    if name.startswith(("wait", "wrap")):  # wait_tensor, _wrap_tensor_autograd: no communication
         return None
     for kind in ("allgather", "reduce_scatter", "allreduce", "alltoall"):
         if kind in name:
