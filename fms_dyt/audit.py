@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 
 # Ops that read a device value on the host.
 _HOST_READS = {"aten._local_scalar_dense", "aten.item"}
 # Copies that may move a device tensor to the host: counted when the source is not on the CPU.
 _COPIES = {"aten._to_copy", "aten.copy_", "aten.to"}
+# What a c10d op can be; anything else in those namespaces (``_wrap_tensor_autograd``) moves no data.
+_KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "barrier", "reduce", "gather",
+          "scatter", "send", "recv")
 
 
 def _op_name(func) -> str:
@@ -45,18 +48,11 @@ def collective_kind(func) -> str | None:
     name = func._schema.name.split("::")[-1].strip("_").replace("all_", "all")
     if name.startswith(("wait", "wrap")):  # wait_tensor, _wrap_tensor_autograd: no communication
         return None
-    for kind in ("allgather", "reduce_scatter", "allreduce"):
+    for kind in ("allgather", "reduce_scatter", "allreduce", "alltoall"):
         if kind in name:
             return kind
-    return name.removesuffix("_base").split("_")[0]
-
-
-def _group(args) -> str:
-    """The description of the process group a c10d op runs on (``default_pg``, ``mesh_shard``,
-    or what ``new_group(group_desc=...)`` named it)."""
-    for group in process_groups(args):
-        return group.group_desc or group.group_name
-    return "?"
+    kind = name.removesuffix("_base").split("_")[0]
+    return kind if kind in _KINDS else None
 
 
 def process_groups(args):
@@ -70,6 +66,14 @@ def process_groups(args):
                 yield torch.distributed.distributed_c10d._resolve_process_group(a)
             except (RuntimeError, ValueError, KeyError):
                 pass  # another string argument, e.g. the reduce op ("sum")
+
+
+def _group(args) -> str:
+    """The description of the process group a c10d op runs on (``default_pg``, ``mesh_shard``,
+    or what ``new_group(group_desc=...)`` named it)."""
+    for group in process_groups(args):
+        return group.group_desc or group.group_name
+    return "?"
 
 
 class StepAudit(TorchDispatchMode):
@@ -92,10 +96,9 @@ class StepAudit(TorchDispatchMode):
         self.collective_bytes.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(is_traceable_wrapper_subclass(t) for t in _tensors([*args, *(kwargs or {}).values()])):
-            # A DTensor op: let DTensor run it, with this mode still active, so that the ops it
-            # issues on the local shards are seen -- among them the collectives of an implicit
-            # redistribution (clip_grad_norm_'s all-reduce of the norm), hidden from the mode otherwise.
+        if any(is_traceable_wrapper_subclass_type(t) for t in types):
+            # A DTensor op: let DTensor run it, so that the local ops and the collectives it issues
+            # (a norm's reduction, a redistribution) come back here and are counted.
             return NotImplemented
         kwargs = kwargs or {}
         name = _op_name(func)

@@ -136,15 +136,22 @@ def _start_wandb(run_dir: Path, cfg):
         return None
 
 
-def norm_scalars(model: torch.nn.Module) -> dict[str, float]:
+def norm_scalars(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """α of every point-wise norm layer by site (``alpha/attn/<layer>``, ``alpha/ffn/<layer>``,
-    ``alpha/final``), Derf's s alike (``shift/<site>``), and the embedding scalar (empty for RMSNorm)."""
+    ``alpha/final``), Derf's s alike (``shift/<site>``), and the embedding scalar (empty for RMSNorm):
+    this rank's value of each, a 0-dim tensor on the device, NaN where its FSDP2 shard holds none
+    (a one-element parameter lives on one rank of each replica). Nothing is read back or gathered
+    here: the trainer's log step sends them with its other numbers (``trainer.log_stats``)."""
     params = {}
     for site, m in norm_sites(model).items():
         params.update({f"{name}/{site}": getattr(m, name) for name in ("alpha", "shift") if hasattr(m, name)})
     if getattr(model, "embedding_scale", None) is not None:
         params["embedding_scale"] = model.embedding_scale
-    return {key: (p.full_tensor() if hasattr(p, "full_tensor") else p).item() for key, p in params.items()}
+    values = {}
+    for key, p in params.items():
+        local = (p.to_local() if hasattr(p, "to_local") else p).detach().reshape(-1)
+        values[key] = local[0] if local.numel() else torch.full((), float("nan"), device=local.device)
+    return values
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -13,6 +13,11 @@ saved: submitit then records the job's timeout count, rewrites its job file and 
 
 DataLoader workers do not act on these signals (``ignore_in_worker``): the main process decides
 when to stop, and a worker that died would take the step down with it.
+
+Ranks agree on stopping over a CPU (gloo) group, one step late: after step k each rank starts an
+all-reduce of its flag in the background and reads the result of step k-1's. Nothing waits for
+the GPU or for the other ranks, and every rank takes the same decision: a signal that arrives
+during step k stops the run after step k+1.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import signal
 import threading
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -85,6 +91,10 @@ class StopRequest:
         if self.requeue_signal:
             self.reasons[self.requeue_signal] = REQUEUE
         self.previous = {s: signal.signal(s, self._handle) for s in self.reasons}
+        # The flag's buffer is host memory by design (gloo reduces into it): read as NumPy, it
+        # costs no tensor read, on any device.
+        self._flag = np.zeros(1, dtype=np.int64)
+        self._pending = None  # the all-reduce started after the previous step
 
     def restore(self) -> None:
         """Put back the handlers that were there before (train() called from a script or a test)."""
@@ -105,12 +115,24 @@ class StopRequest:
         else:
             _say(f"got {self.signum}: finishing this step and saving a checkpoint")
 
-    def agreed(self, device) -> int:
-        """The reason to stop (RUNNING: none), the same on every rank: ranks see a signal at
-        different steps, or only some of them get it."""
-        flag = torch.tensor([float(self.reason)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+    def agreed(self, group) -> int:
+        """The reason to stop (RUNNING: none), the same on every rank, one step late: the flags
+        of the previous step, reduced (MAX) over ``group``, a CPU process group, while this step
+        ran. This step's flag starts on its way unless the ranks have just agreed to stop."""
+        decided = self.settle()
+        if decided == RUNNING:
+            self._flag[0] = self.reason
+            self._pending = dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX, group=group,
+                                            async_op=True)
+        return decided
+
+    def settle(self) -> int:
+        """Wait for the agreement in flight (RUNNING if none): before the process group goes."""
+        if self._pending is None:
+            return RUNNING
+        self._pending.wait()
+        self._pending = None
+        return int(self._flag[0])
 
     def after_checkpoint(self, reason: int, rank: int) -> int:
         """Requeue through submitit where it asked (rank 0, while the other ranks wait), then the

@@ -1,7 +1,7 @@
 """The fms-dyt training loop: build, resume, step, log, checkpoint, stop cleanly.
 
 Exit codes: 0 when ``train.max_steps`` is reached; 75 (EX_TEMPFAIL) after SIGTERM or SIGUSR1,
-once the current step is done and a checkpoint is saved (run the same command again to resume);
+once the step after the signal is done and a checkpoint is saved (run the same command again to resume);
 130 after Ctrl-C, likewise (a second Ctrl-C stops at once); 2 for a configuration that cannot
 work or that would change the run already in ``run_dir``; 1 on other errors. See fms_dyt/stop.py.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
@@ -27,7 +27,7 @@ from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, nor
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
-from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize
+from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize, use_step_timeout
 from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 from fms_dyt.validation import build_validation
@@ -43,8 +43,8 @@ class NonFiniteError(RuntimeError):
 @dataclass
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (not averaged over ranks)
-    grad_norm: torch.Tensor  # of the whole model, before clipping
-    updated: bool  # False: a non-finite loss or gradient, the optimizer did not step
+    grad_norm: torch.Tensor  # of the whole model, before clipping; NaN on every rank after a non-finite loss
+    updated: torch.Tensor | bool  # on the device: False where the update was skipped (True without check_finite)
     data_wait_s: float  # time spent waiting for batches
 
 
@@ -66,9 +66,11 @@ def train_step(model, optimizer, batches, accum: int, grad_clip: float, device, 
                hybrid: bool = False, check_finite: bool = True) -> StepResult:
     """One optimizer step over ``accum`` micro-batches ``(inputs, targets)`` taken from ``batches``.
 
-    With ``check_finite`` a non-finite loss on any rank or a non-finite gradient norm skips the
-    update (the same decision on every rank); without it nothing waits for the device (no
-    ``.item()``) and the optimizer always steps. The caller sets the learning rate.
+    Nothing here waits for the device. With ``check_finite`` a non-finite loss on any rank or a
+    non-finite gradient skips the update on every rank, decided on the device: the loss's verdict
+    rides in the gradient norm's one reduction, and fused AdamW's ``found_inf`` leaves parameters,
+    moments and step counts as they were. Without it the optimizer always steps. The caller sets
+    the learning rate.
     """
     loss_sum = torch.zeros((), device=device)
     data_wait = 0.0
@@ -82,33 +84,87 @@ def train_step(model, optimizer, batches, accum: int, grad_clip: float, device, 
         loss = cross_entropy(model(inputs).flatten(0, 1), targets.flatten()) / accum
         loss.backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-    updated = not check_finite or _finite_everywhere(torch.stack([loss_sum, grad_norm.to(loss_sum.dtype)]))
-    if updated:
-        optimizer.step()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = clip_grad_norm(grads, grad_clip, poison=~torch.isfinite(loss_sum) if check_finite else None)
+    updated = torch.isfinite(grad_norm) if check_finite else True
+    if check_finite:
+        optimizer.found_inf = (~updated).float()  # read by fused AdamW (torch.optim.Adam.step)
+    optimizer.step()
+    optimizer.found_inf = None
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, grad_norm, updated, data_wait)
 
 
-def _finite_everywhere(values: torch.Tensor) -> bool:
-    """True when ``values`` are finite on every rank: a NaN on one rank makes the sum NaN on all."""
-    total = values.detach().double().sum()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return math.isfinite(total.item())
+@torch.no_grad()
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, poison: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale ``grads`` in place to a total 2-norm of at most ``max_norm``; returns the norm before
+    clipping, the same on every rank, from ONE all-reduce of one number per rank (each rank's
+    shards' sum of squares). ``poison`` (a device bool) makes the norm NaN on every rank: how a
+    non-finite loss on one rank reaches the others without a collective of its own."""
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local)))
+    if poison is not None:
+        norm = torch.where(poison, torch.full_like(norm, math.nan), norm)
+    if isinstance(grads[0], DTensor):  # FSDP2: sum the squares over the mesh dimensions that shard
+        mesh, placements = grads[0].device_mesh, grads[0].placements
+        partial = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
+        norm = DTensor.from_local(norm.square(), mesh, partial).full_tensor().sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    torch._foreach_mul_(local, coef)
+    return norm
 
 
-def global_stats(loss: torch.Tensor, data_stats: dict, device) -> tuple[float, dict]:
-    """The loss averaged over ranks, and the data counters summed over ranks (``epoch``: the
-    slowest rank's), from one all-gather of a few numbers per rank."""
-    keys = list(data_stats)
-    mine = torch.tensor([loss.item(), *(float(data_stats[k]) for k in keys)], dtype=torch.float64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
-    table = torch.stack(everyone).cpu()
-    totals = {k: (table[:, i + 1].min() if k == "epoch" else table[:, i + 1].sum()).item() for i, k in enumerate(keys)}
-    return table[:, 0].mean().item(), {k: int(v) if isinstance(data_stats[k], int) else v for k, v in totals.items()}
+class SkipCounter:
+    """Skipped updates, counted on the device so that no step reads them: since the last log step,
+    and in a row (now, and the longest run since the last log step)."""
+
+    def __init__(self, device):
+        self.skipped, self.run, self.longest = (torch.zeros((), device=device) for _ in range(3))
+
+    def add(self, updated: torch.Tensor) -> None:
+        bad = (~updated).float()
+        self.skipped += bad
+        self.run.add_(1).mul_(bad)
+        torch.maximum(self.longest, self.run, out=self.longest)
+
+    def values(self) -> list[torch.Tensor]:
+        return [self.skipped, self.longest]
+
+    def check(self, stats: dict, step: int, max_bad_steps: int, is_main: bool) -> None:
+        """At a log step, with the counts ``log_stats`` read: warn, and stop a run that skipped
+        ``train.max_bad_steps`` updates in a row (found here, up to ``logging.interval`` steps
+        after the fact: the skipped steps changed nothing)."""
+        skipped, in_a_row = stats["skipped_updates"], stats["skipped_in_a_row"]
+        if skipped and is_main:
+            log.warning("step %d: %d update(s) skipped since the last record for a non-finite loss or gradient "
+                        "(%d in a row)", step, skipped, in_a_row)
+        if in_a_row >= max_bad_steps:
+            raise NonFiniteError(
+                f"{in_a_row} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
+                f"{max_bad_steps}); lower optim.lr or resume from an earlier checkpoint"
+            )
+        self.skipped.zero_()
+        self.longest.copy_(self.run)  # a run goes on across log steps
+
+
+def log_stats(result: StepResult, skips: SkipCounter, model, data_stats: dict, host, is_main: bool) -> dict:
+    """The numbers a log step records: the loss averaged over ranks, the grad norm, skipped updates,
+    every norm scalar (``metrics.norm_scalars``) and the data counters summed over ranks
+    (``epoch``: the slowest rank's), from ONE read of a stacked device tensor on each rank and ONE
+    gather of those rows to rank 0 over the CPU group ``host``. The other ranks get their own
+    row's numbers (the grad norm and the skip counts are the same on every rank)."""
+    scalars = norm_scalars(model)
+    on_device = torch.stack([t.double() for t in (result.loss, result.grad_norm, *skips.values(), *scalars.values())])
+    row = torch.cat([on_device.cpu(), torch.tensor([float(v) for v in data_stats.values()], dtype=torch.float64)])
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(host))] if is_main else None
+    dist.gather(row, rows, dst=0, group=host)
+    columns = list(zip(*(torch.stack(rows) if is_main else row[None]).tolist()))
+    loss, grad_norm, skipped, in_a_row, *rest = columns
+    held = [next((v for v in c if not math.isnan(v)), math.nan) for c in rest[:len(scalars)]]  # the rank that holds it
+    counters = {f"data/{k}": (min(c) if k == "epoch" else math.fsum(c)) for k, c in zip(data_stats, rest[len(scalars):])}
+    counters = {k: int(v) if isinstance(data_stats[k[5:]], int) else v for k, v in counters.items()}
+    return {"loss": math.fsum(loss) / len(loss), "grad_norm": grad_norm[0], "skipped_updates": int(skipped[0]),
+            "skipped_in_a_row": int(in_a_row[0]), **counters, **dict(zip(scalars, held))}
 
 
 def build_model(cfg, d: Dist, mesh) -> Transformer:
@@ -132,7 +188,7 @@ def train(cfg, data=None) -> int:
 
 
 def _train(cfg, data, stop: StopRequest) -> int:
-    d = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+    d = init_distributed(cfg.train.device, cfg.parallel.init_timeout_s)
     total_steps, accum = schedule(cfg, d.world_size)
     run_dir = Path(cfg.run_dir)
     if data is None:
@@ -187,7 +243,10 @@ def _train(cfg, data, stop: StopRequest) -> int:
     eta = Eta(step, total_steps)
     telemetry = Telemetry.for_run(cfg, total_steps, d.is_main, resumed=step > 0)  # None: logging.telemetry_interval null
     batches = iter(data)
-    bad_steps, data_wait = 0, 0.0
+    # A CPU group for the host's bookkeeping: the stop agreement and the log steps' gather.
+    host = dist.new_group(backend="gloo", group_desc="host_bookkeeping")
+    skips = SkipCounter(d.device)
+    data_wait = 0.0
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
 
@@ -199,28 +258,21 @@ def _train(cfg, data, stop: StopRequest) -> int:
             group["lr"] = lr * group["lr_scale"]  # optim.alpha_and_shift_lr_scale (fms_dyt.optim)
         result = train_step(model, optimizer, batches, accum, cfg.optim.grad_clip, d.device,
                             defer_grad_sync=cfg.parallel.defer_grad_sync, hybrid=cfg.parallel.sharding != "full")
+        skips.add(result.updated)
+        if step == eta.start_step + 1:  # start-up is over (loading, the first compiled step): shorter timeouts
+            use_step_timeout(cfg.parallel.timeout_s)
         data_wait += result.data_wait_s
-        bad_steps = 0 if result.updated else bad_steps + 1
-        if bad_steps:  # update skipped; a few in a row mean the run has diverged
-            if d.is_main:
-                log.warning("step %d: non-finite loss or gradient (grad norm %s); update skipped (%d in a row)",
-                            step, result.grad_norm.item(), bad_steps)
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise NonFiniteError(
-                    f"{bad_steps} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps}); lower optim.lr or resume from an earlier checkpoint"
-                )
         tokens_seen += cfg.train.global_batch_tokens
         meter.add(cfg.train.global_batch_tokens)
 
         val_loss = validation.loss(model) if validation is not None and validation.due(step, total_steps) else None
         probe = telemetry is not None and telemetry.due(step)
         if step % cfg.logging.interval == 0 or step == total_steps or val_loss is not None or probe:
-            loss, data_stats = global_stats(result.loss, data.stats(), d.device)
-            values = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm.item(), "tokens_seen": tokens_seen,
-                      **meter.read(), "step_time_s": time.perf_counter() - t_step,
-                      "data_wait_s": data_wait, "skipped_updates": bad_steps,
-                      **{f"data/{k}": v for k, v in data_stats.items()}, **norm_scalars(model)}
+            # The step's one read of the device and one collective (a gather to rank 0, on the CPU).
+            stats = log_stats(result, skips, model, data.stats(), host, d.is_main)
+            skips.check(stats, step, cfg.train.max_bad_steps, d.is_main)
+            values = {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"], "tokens_seen": tokens_seen,
+                      **meter.read(), "step_time_s": time.perf_counter() - t_step, "data_wait_s": data_wait, **stats}
             data_wait = 0.0
             if probe:  # every rank: the pass gathers parameters
                 values.update(telemetry(model, step))
@@ -231,11 +283,11 @@ def _train(cfg, data, stop: StopRequest) -> int:
             if d.is_main and (step % cfg.logging.console_interval == 0 or step == total_steps or val_loss is not None):
                 mfu = f"{values['mfu']:.1%}" if values["mfu"] is not None else "n/a"
                 val = f"  val {val_loss:.4f}" if val_loss is not None else ""
-                print(f"step {step:>6}/{total_steps}  loss {loss:.4f}{val}  lr {lr:.2e}  "
+                print(f"step {step:>6}/{total_steps}  loss {values['loss']:.4f}{val}  lr {lr:.2e}  "
                       f"grad {values['grad_norm']:.3f}  {values['tokens_per_s']:,.0f} tok/s  mfu {mfu}  ETA {eta.left(step)}",
                       flush=True)
 
-        stopping = stop.agreed(d.device)
+        stopping = stop.agreed(host)  # the previous step's flags: every rank stops after the same step
         if step % cfg.checkpoint.interval == 0 or step == total_steps or stopping:
             where = ckpt.save(step, tokens_seen, model, optimizer, data.state_dict(), blocking=bool(stopping))
             if d.is_main:
@@ -250,6 +302,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
             dist.destroy_process_group()
             return code
 
+    stop.settle()
     ckpt.wait()
     wandb_dir = metrics.finish()
     if d.is_main:

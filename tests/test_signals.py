@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from fms_dyt import stop as stop_module
 from fms_dyt.config import load_config
 from fms_dyt.trainer import main, train
+from in_memory import CountedBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -208,3 +209,53 @@ def test_submitit_signal_every_rank_saves_then_rank_0_requeues(tmp_path):
     # submitit requeued once, after every rank's checkpoint was complete
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242", saved[0]]
     assert (tmp_path / "submitit" / "4242_submitted.pkl").is_file()  # submitit rewrote its job file
+
+
+# --- SIGTERM to one rank of two: the ranks agree to stop after the same step -----------------------
+
+class Preempted(CountedBatches):
+    """Random batches by count; sends SIGTERM to its own process before batch ``at`` (None: never)."""
+
+    def __init__(self, rank, world, at):
+        super().__init__()
+        self.rank, self.world, self.at = rank, world, at
+
+    def __iter__(self):
+        while True:
+            if self.i == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            window = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(self.i * self.world + self.rank))
+            self.i += 1
+            yield window[:, :-1], window[:, 1:]
+
+
+def _preempted_rank(rank, world, port, run_dir, sigterm_at, codes):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = load_config(["model=tiny", "model.n_layers=2", "norm=dyt", "train.seq_len=32", "train.micro_batch_size=2",
+                       f"train.global_batch_tokens={32 * 2 * world}", "parallel.param_dtype=float32",
+                       "logging.interval=1", "logging.wandb.mode=disabled", f"train.max_steps={STEPS}",
+                       "checkpoint.interval=100", "parallel.timeout_s=60", f"run_dir={run_dir}"])
+    codes[rank] = train(cfg, data=Preempted(rank, world, sigterm_at.get(rank)))
+
+
+def _two_ranks(run_dir, sigterm_at):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    codes = mp.Manager().dict()
+    mp.start_processes(_preempted_rank, args=(2, port, str(run_dir), sigterm_at, codes), nprocs=2, start_method="spawn")
+    return dict(codes)
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_after_the_same_step_and_resumes_exactly(tmp_path):
+    assert _two_ranks(tmp_path / "ref", {}) == {0: 0, 1: 0}
+    run_dir = tmp_path / "run"
+    assert _two_ranks(run_dir, {1: 3}) == {0: 75, 1: 75}  # rank 0 never sees the signal
+    saved = sorted((run_dir / "checkpoints").iterdir())
+    # signalled while step 4 fetched its batch: its flag goes out after step 4, read after step 5
+    assert [p.name for p in saved] == ["step_5"]
+    assert (saved[0] / "meta.json").is_file() and len(list(saved[0].glob("**/__1_*.distcp"))) >= 1
+    assert _two_ranks(run_dir, {}) == {0: 0, 1: 0}
+    assert losses(run_dir) == losses(tmp_path / "ref")
