@@ -362,7 +362,8 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
     FSDP2 units as ``fms_dyt.parallel.apply_parallelism`` lays them out: the root (parameters of
     the model itself, the embedding scalar), the embedding, each block, the head (final norm and
     output, not resharded after forward). Per micro-batch: an all-gather of every unit in forward
-    (compute dtype), again in backward for the resharded ones (embedding and blocks), and a
+    (compute dtype), again in backward for the blocks (the embedding's backward needs no weight:
+    ``set_unshard_in_backward(False)``; the head stays gathered), and a
     reduce-scatter of every unit's gradients (reduce dtype) -- with ``defer_grad_sync`` on the
     last micro-batch only; with a replicate dimension (hybrid), an all-reduce of each reduced shard
     across the replicas on the last micro-batch. The gradient-norm reduction (a few bytes) is left out.
@@ -390,7 +391,7 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
 
     names = ["root", "embedding"] + ["block"] * n_layers + ["head"]
     names = [u for u in names if units[u] or u != "root"]
-    per_micro_gather = names + [u for u in names if u in ("block", "embedding")]
+    per_micro_gather = names + [u for u in names if u == "block"]
     exposed = comm = 0.0
     counts = {"allgather": 0, "reduce_scatter": 0, "allreduce": 0}
     nbytes = dict.fromkeys(counts, 0)
@@ -412,7 +413,7 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
         order = [u for u in reversed(names) if u != "root"]
         for k, unit in enumerate(order):
             nxt = order[k + 1] if k + 1 < len(order) else None
-            prefetch = gather(units[nxt]) if nxt in ("block", "embedding") else 0.0
+            prefetch = gather(units[nxt]) if nxt == "block" else 0.0
             reducing = reduction(units[order[k - 1]], last) if k else 0.0
             exposed += max(0.0, prefetch + reducing - unit_compute_s[unit][1])
         exposed += reduction(units["embedding"], last) + (reduction(root, last) if root else 0.0)
