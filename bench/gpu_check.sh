@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of fms-dyt (one GPU, at most 8 minutes): the tests marked `gpu` (tests/test_gpu.py)
-# and the GPU benchmarks (bench/gpu_bench.py), written to one JSON file.
+# The GPU check of fms-dyt (one GPU, at most 10 minutes), written to one JSON file:
+#   1. the sync-debug run: trainer steps with torch.cuda.set_sync_debug_mode("error") between log
+#      steps, so that any device-to-host sync there fails the check (SYNC_TEST below);
+#   2. the other tests marked `gpu` (tests/test_gpu.py); 3. the GPU benchmarks (bench/gpu_bench.py).
 #   bash bench/gpu_check.sh [--out FILE]             on a machine with a CUDA GPU
 #                                                    (default bench/results/gpu_check.json)
 #   bash bench/gpu_check.sh --dry-run [--out FILE]   anywhere: collects the tests, checks the script
@@ -19,6 +21,12 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+SYNC_TEST=tests/test_gpu.py::test_no_device_sync_between_log_steps
+commands=(
+  "timeout 120 python -m pytest -q $SYNC_TEST"
+  "timeout 300 python -m pytest -q -m gpu tests/test_gpu.py --deselect $SYNC_TEST"
+  "timeout 180 python bench/gpu_bench.py"
+)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [ -z "$out" ]; then
@@ -27,20 +35,31 @@ fi
 mkdir -p "$(dirname "$out")"
 
 if [ "$dry_run" = 1 ]; then
-  collected=$(python -m pytest --collect-only -q -m gpu tests/test_gpu.py | grep -c '::' || true)
+  # What a CPU can check: this script and the Python it runs parse, the tests marked gpu are
+  # collected (the sync-debug run among them), the benchmarks' configurations load.
+  bash -n "$0"
+  python -m py_compile tests/test_gpu.py bench/gpu_bench.py
+  python -m pytest --collect-only -q -m gpu tests/test_gpu.py > "$work/collected.txt"
+  collected=$(grep -c '::' "$work/collected.txt" || true)
   if [ "$collected" -lt 1 ]; then
     echo "gpu_check.sh: no test marked gpu was collected from tests/test_gpu.py" >&2
     exit 1
   fi
+  if ! grep -qx "$SYNC_TEST" "$work/collected.txt"; then
+    echo "gpu_check.sh: the sync-debug run $SYNC_TEST is not among the collected gpu tests" >&2
+    exit 1
+  fi
   python bench/gpu_bench.py --dry-run --out "$work/bench.json" > /dev/null
-  python - "$out" "$work/bench.json" "$collected" <<'PY'
+  for c in "${commands[@]}"; do echo "would run: $c"; done
+  python - "$out" "$work/bench.json" "$collected" "$SYNC_TEST" "${commands[@]}" <<'PY'
 import json, sys
-out, bench, collected = sys.argv[1], json.load(open(sys.argv[2])), int(sys.argv[3])
-result = {"ran_on_gpu": False, "dry_run": True, "gpu_tests_collected": collected, "bench": bench}
+out, bench, collected, sync_test, commands = sys.argv[1], json.load(open(sys.argv[2])), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+result = {"ran_on_gpu": False, "dry_run": True, "gpu_tests_collected": collected, "sync_debug_test": sync_test,
+          "commands": commands, "bench": bench}
 open(out, "w").write(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result))
 PY
-  echo "gpu_check.sh: dry run only -- nothing ran on a GPU; $collected gpu test(s) collected, benchmark script checked$([ "$out_given" = 1 ] && echo "; wrote $out")"
+  echo "gpu_check.sh: dry run only -- nothing ran on a GPU; $collected gpu test(s) collected (the sync-debug run among them), benchmark script checked$([ "$out_given" = 1 ] && echo "; wrote $out")"
   exit 0
 fi
 
@@ -49,22 +68,25 @@ if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   exit 2
 fi
 set +e
-timeout 300 python -m pytest -q -m gpu tests/test_gpu.py --junitxml="$work/tests.xml" | tail -20
+${commands[0]} | tail -20
+sync_rc=${PIPESTATUS[0]}
+${commands[1]} --junitxml="$work/tests.xml" | tail -20
 tests_rc=${PIPESTATUS[0]}
-timeout 180 python bench/gpu_bench.py --out "$work/bench.json"
+${commands[2]} --out "$work/bench.json"
 bench_rc=$?
 set -e
-python - "$out" "$work" "$tests_rc" "$bench_rc" <<'PY'
+python - "$out" "$work" "$sync_rc" "$tests_rc" "$bench_rc" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
-out, work, tests_rc, bench_rc = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out, work, sync_rc, tests_rc, bench_rc = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
 tests = {}
 if (work / "tests.xml").exists():
     suite = ET.parse(work / "tests.xml").getroot().find("testsuite")
     tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 bench = json.loads((work / "bench.json").read_text()) if (work / "bench.json").exists() else None
-result = {"ran_on_gpu": True, "tests_exit_code": tests_rc, "tests": tests, "bench_exit_code": bench_rc, "bench": bench}
+result = {"ran_on_gpu": True, "sync_debug_exit_code": sync_rc, "tests_exit_code": tests_rc, "tests": tests,
+          "bench_exit_code": bench_rc, "bench": bench}
 open(out, "w").write(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result, indent=2))
 PY
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$sync_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -46,7 +46,7 @@ def collective_kind(func) -> str | None:
     if func.namespace not in ("c10d", "_c10d_functional"):
         return None
     name = func._schema.name.split("::")[-1].strip("_").replace("all_", "all")
-    if name.startswith("wait"):
+    if name.startswith(("wait", "wrap")):  # wait_tensor, _wrap_tensor_autograd: no communication
         return None
     for kind in ("allgather", "reduce_scatter", "allreduce", "alltoall"):
         if kind in name:
@@ -55,21 +55,24 @@ def collective_kind(func) -> str | None:
     return kind if kind in _KINDS else None
 
 
-def _group(func, args) -> str:
-    """The description of the process group a c10d op runs on (``default_pg``, ``mesh_shard``,
-    or what ``new_group(group_desc=...)`` named it). Functional collectives (DTensor's) name their
-    group by its registered name: the last string argument."""
+def process_groups(args):
+    """The process groups among a c10d op's arguments: boxed (``c10d`` ops) or named by a string
+    (``_c10d_functional`` ops, e.g. the all-reduce of a DTensor's norm)."""
     for a in args:
         if isinstance(a, torch.ScriptObject) and "ProcessGroup" in str(a._type()):
-            group = torch.distributed.ProcessGroup.unbox(a)
-            return group.group_desc or group.group_name
-    names = [a for a in args if isinstance(a, str)]
-    if func.namespace == "_c10d_functional" and names:
-        try:
-            group = torch.distributed.distributed_c10d._resolve_process_group(names[-1])
-            return group.group_desc or group.group_name
-        except (RuntimeError, ValueError):
-            return names[-1]
+            yield torch.distributed.ProcessGroup.unbox(a)
+        elif isinstance(a, str):
+            try:
+                yield torch.distributed.distributed_c10d._resolve_process_group(a)
+            except (RuntimeError, ValueError, KeyError):
+                pass  # another string argument, e.g. the reduce op ("sum")
+
+
+def _group(args) -> str:
+    """The description of the process group a c10d op runs on (``default_pg``, ``mesh_shard``,
+    or what ``new_group(group_desc=...)`` named it)."""
+    for group in process_groups(args):
+        return group.group_desc or group.group_name
     return "?"
 
 
@@ -106,7 +109,7 @@ class StepAudit(TorchDispatchMode):
         else:
             kind = collective_kind(func)
             if kind is not None:
-                key = (kind, _group(func, list(args) + list(kwargs.values())))
+                key = (kind, _group(list(args) + list(kwargs.values())))
                 self.collectives[key] += 1
                 sizes = [t.numel() * t.element_size() for t in _tensors(list(args))]
                 self.collective_bytes[key] += max(sizes, default=0)

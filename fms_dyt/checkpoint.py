@@ -9,7 +9,8 @@ Checkpoints past ``checkpoint.keep`` are renamed ``.expired_step_<N>_<id>`` and 
 background, off the collective path. A ``step_<N>`` directory that is incomplete (no ``meta.json``)
 or fails to load (a truncated shard, a bad ``meta.json``, no ``data_state.json``) is never deleted:
 it is renamed aside (``step_<N>.incomplete``, ``step_<N>.unloadable``) with a warning, and the run
-resumes from the newest one that loads. DCP
+resumes from the newest one that loads: rank 0 checks the files and chooses, every rank loads
+(:meth:`Checkpointer.load_newest`). DCP's collectives run on a gloo process group of their own. DCP
 reshards on load, so a checkpoint resumes on any world size and loads in one process (``fms_dyt.inference``).
 """
 
@@ -31,9 +32,15 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from fms_dyt.parallel import checkpoint_group, on_rank0
+
 log = logging.getLogger("fms_dyt")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 EXPIRED_PREFIX = ".expired_"  # checkpoints past checkpoint.keep, being deleted
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -53,38 +60,48 @@ class CheckpointError(ValueError):
 
 def checkpoint_problem(path: Path, need_data_state: bool = True) -> str | None:
     """What makes the checkpoint in ``path`` unloadable, read from its files alone (None: nothing)."""
+    return inspect_checkpoint(path, need_data_state)[0]
+
+
+def inspect_checkpoint(path: Path, need_data_state: bool = True) -> tuple[str | None, dict | None]:
+    """``(problem, meta)`` of the checkpoint in ``path``: what makes it unloadable (None: nothing),
+    read from its files alone (meta.json, data_state.json, DCP's ``.metadata`` and a ``stat`` of
+    every shard it names), and when there is none its ``meta.json`` with the loaders' states under
+    ``data_state`` (with ``need_data_state``). In a run only rank 0 calls it (:meth:`Checkpointer.load_newest`)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except FileNotFoundError:
-        return "meta.json is missing (the save did not finish)"
+        return "meta.json is missing (the save did not finish)", None
     except (OSError, ValueError) as e:
-        return "meta.json is empty" if not (path / "meta.json").stat().st_size else f"meta.json is not valid JSON ({e})"
+        empty = not (path / "meta.json").stat().st_size
+        return "meta.json is empty" if empty else f"meta.json is not valid JSON ({e})", None
     missing = [k for k in ("step", "tokens_seen", "world_size") if not isinstance(meta, dict) or k not in meta]
     if missing:
-        return f"meta.json lacks {', '.join(missing)}"
+        return f"meta.json lacks {', '.join(missing)}", None
     if need_data_state:
         try:
-            json.loads((path / "data_state.json").read_text())
+            meta["data_state"] = json.loads((path / "data_state.json").read_text())
         except FileNotFoundError:
-            return "data_state.json is missing"
+            return "data_state.json is missing", None
         except (OSError, ValueError) as e:
-            return f"data_state.json is not valid JSON ({e})"
+            return f"data_state.json is not valid JSON ({e})", None
     try:
         index = FileSystemReader(str(path)).read_metadata()
     except FileNotFoundError:
-        return ".metadata (DCP's index of the shards) is missing"
+        return ".metadata (DCP's index of the shards) is missing", None
     except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
-        return f".metadata (DCP's index of the shards) cannot be read ({type(e).__name__}: {e})"
+        return f".metadata (DCP's index of the shards) cannot be read ({type(e).__name__}: {e})", None
     needed: dict[str, int] = {}
     for item in (index.storage_data or {}).values():
         needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
     for name, size in sorted(needed.items()):
-        shard = path / name
-        if not shard.is_file():
-            return f"shard {name} is missing"
-        if shard.stat().st_size < size:
-            return f"shard {name} is truncated ({shard.stat().st_size:,} bytes; the index needs {size:,})"
-    return None
+        try:
+            found = (path / name).stat().st_size
+        except FileNotFoundError:
+            return f"shard {name} is missing", None
+        if found < size:
+            return f"shard {name} is truncated ({found:,} bytes; the index needs {size:,})", None
+    return None, meta
 
 
 def set_aside(path: Path, label: str) -> Path:
@@ -124,6 +141,9 @@ class Checkpointer:
     def __init__(self, run_dir: str, cfg, rank: int, world_size: int):
         self.root = Path(run_dir) / "checkpoints"
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        # DCP's collectives (saves, async ones in a background thread, and loads) on a gloo group
+        # of their own, made once, with the start-up timeout: see fms_dyt.parallel.checkpoint_group
+        self.group = checkpoint_group(cfg.parallel.init_timeout_s)
         self.keep = cfg.checkpoint.keep
         self.pending = None  # (future, tmp dir, final dir, meta) of an async save
         self.deleting = None  # the thread deleting expired checkpoints (rank 0)
@@ -150,19 +170,27 @@ class Checkpointer:
     def load_newest(self, model, optimizer) -> tuple[Path, dict, list] | None:
         """Restore the newest checkpoint that loads on every rank: ``(path, meta, skipped)`` with
         ``skipped`` the newer ``(path, problem)`` pairs set aside on the way; None when there is
-        none. Ranks decide together, so all of them load the same one."""
-        found = complete_checkpoints(self.root.parent)
-        if not found:
-            return None
-        skipped = []
-        for path in reversed(found):
-            problem = self._agree(checkpoint_problem(path))
-            if problem is None:
-                try:
-                    meta = self.load(path, model, optimizer)
-                except Exception as e:  # DCP raises on every rank when one rank's read fails
-                    problem = f"loading failed: {type(e).__name__}: {(str(e).strip() or '?').splitlines()[0]}"
-                problem = self._agree(problem)
+        none.
+
+        Rank 0 alone lists the checkpoints and checks the newest (:func:`inspect_checkpoint`: its
+        JSON files, DCP's index, a ``stat`` per shard) and broadcasts its choice with the meta it
+        read; every rank then loads that one with DCP. At 1,024 ranks that is one reader of the
+        index instead of 1,024, and one ``stat`` per shard instead of 1,024 (a million). A
+        checkpoint that fails to load on any rank is skipped by all, and rank 0 chooses again
+        among the older ones."""
+        skipped: list[tuple[Path, str]] = []
+        older_than = None  # step numbers at or above this one were tried
+        while True:
+            path, meta, problems = on_rank0(lambda: self._choose(older_than))
+            skipped += problems
+            if path is None:
+                break
+            try:
+                meta = self.load(path, model, optimizer, meta)
+                problem = None
+            except Exception as e:  # DCP raises on every rank when one rank's read fails
+                problem = f"loading failed: {type(e).__name__}: {(str(e).strip() or '?').splitlines()[0]}"
+            problem = self._agree(problem)
             if problem is None:
                 if self.rank == 0:
                     for bad, why in skipped:
@@ -173,10 +201,28 @@ class Checkpointer:
             if self.rank == 0:
                 log.warning("checkpoint %s cannot be loaded: %s; trying the one before", path, problem)
             skipped.append((path, problem))
+            older_than = _step_of(path)
+        if not skipped:
+            return None
         raise CheckpointError(
             f"no checkpoint in {self.root} can be loaded:\n" + "\n".join(f"  {p}: {w}" for p, w in skipped)
             + "\nRepair or move them away to start this run afresh, or train in a new run_dir."
         )
+
+    def _choose(self, older_than: int | None) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+        """Rank 0: ``(path, meta, problems)`` of the newest complete checkpoint before step
+        ``older_than`` (None: any) whose files show no problem, with ``problems`` the ``(path,
+        problem)`` of the newer ones that do; ``path`` None when none is left."""
+        problems = []
+        for path in reversed(complete_checkpoints(self.root.parent)):
+            if older_than is not None and _step_of(path) >= older_than:
+                continue
+            problem, meta = inspect_checkpoint(path)
+            if problem is None:
+                return path, meta, problems
+            log.warning("checkpoint %s cannot be loaded: %s; trying the one before", path, problem)
+            problems.append((path, problem))
+        return None, None, problems
 
     def _agree(self, problem: str | None) -> str | None:
         """The first rank's problem, on every rank (None when no rank has one)."""
@@ -201,9 +247,9 @@ class Checkpointer:
         dist.all_gather_object(states, data_state)
         meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world, "data_state": states}
         if self.cfg.checkpoint.async_save and not blocking:
-            self.pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final, meta)
+            self.pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group), tmp, final, meta)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
             self._finish(tmp, final, meta)
         return final
 
@@ -244,20 +290,25 @@ class Checkpointer:
             self.deleting = threading.Thread(target=_delete_all, args=(paths,), name="fms-dyt-checkpoint-retention")
             self.deleting.start()
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimiser and RNG; returns meta with ``data_state`` (all ranks' states)."""
-        meta = json.loads((path / "meta.json").read_text())
+    def load(self, path: Path, model, optimizer, meta: dict | None = None) -> dict:
+        """Restore model, optimiser and RNG; returns meta with ``data_state`` (all ranks' states).
+        ``meta`` is that dict as rank 0 read it (:meth:`load_newest`); None reads it here. DCP
+        reads its index and this rank's part of the shards; the rest is this rank's RNG file."""
+        if meta is None:
+            meta = json.loads((path / "meta.json").read_text())
+            meta["data_state"] = json.loads((path / "data_state.json").read_text())
         model_sd, optim_sd = get_state_dict(model, optimizer)
         # The moments are read per parameter (by name); the parameter groups and their settings
         # stay those of this config (fms_dyt.optim), so a checkpoint of another grouping loads too.
         state = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), process_group=self.group)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict={"state": state["optim"]["state"], "param_groups": optim_sd["param_groups"]})
-        rng = path / "rng" / f"rank_{self.rank}.pt"
-        if meta["world_size"] == self.world and rng.is_file():
-            _set_rng_state(torch.load(rng))
-        meta["data_state"] = json.loads((path / "data_state.json").read_text())
+        if meta["world_size"] == self.world:
+            try:
+                _set_rng_state(torch.load(path / "rng" / f"rank_{self.rank}.pt"))
+            except FileNotFoundError:  # checkpoints written before the RNG states were saved
+                pass
         return meta
 
 

@@ -86,7 +86,11 @@ class ParallelConfig:
     # true keeps unsharded fp32 gradients until the last micro-batch (less traffic, more memory).
     defer_grad_sync: bool = False
     peak_tflops: Optional[float] = None  # per device, for MFU; null: known GPUs, else unknown
-    timeout_s: int = 600  # collectives: a dead rank makes the others exit after this long
+    # Collective timeouts: a dead or hung rank makes the others exit after this long. Start-up
+    # (rendezvous, rank 0's reads, the checkpoint load, the first compiled step) and DCP's own
+    # collectives get init_timeout_s; steady-state steps timeout_s (docs/architecture.md).
+    init_timeout_s: int = 1800
+    timeout_s: int = 300
 
 
 @dataclass
@@ -240,6 +244,7 @@ def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
         ("optim.min_lr_ratio", o.min_lr_ratio, _fraction, "within [0, 1]", False),
         ("optim.alpha_and_shift_lr_scale", o.alpha_and_shift_lr_scale, _positive,
          "a finite number > 0 (the multiplier of the scheduled lr for α and s)", False),
+        ("parallel.init_timeout_s", p.init_timeout_s, _positive, "> 0 seconds", False),
         ("parallel.timeout_s", p.timeout_s, _positive, "> 0 seconds", False),
         ("parallel.replicas", p.replicas, _at_least_1, ">= 1 (or null: one per node)", True),
         ("parallel.peak_tflops", p.peak_tflops, _positive, "> 0 (or null)", True),

@@ -13,10 +13,19 @@ paper's layouts (7B/13B: 64 nodes x 8, 34B/70B: 128 x 8).
 The activation model counts the tensors eager PyTorch keeps for backward in fms-dyt's model
 (flash-style attention: no sequence² term), plus the largest transient of the backward pass;
 ``--measure`` checks it on this machine's CPU by running the config's micro-batch once.
+
+Tokens/s: the step's compute at the assumed MFU (``--mfu``, the efficiency of the GPU while it
+computes; a checkpointed block's backward computes its forward again), plus the communication
+compute does not hide. FSDP2's collectives (all-gathers of each unit's parameters, reduce-scatters
+of its gradients, with hybrid sharding all-reduces across replicas) are counted in bytes and timed
+at the link bandwidths of the GPU's node (:class:`Network`: NVLink within a node, one InfiniBand
+port per GPU across nodes, ring algorithms); FSDP2 overlaps each collective with the compute of a
+neighbouring unit, and only what sticks out is added (:func:`step_communication`).
 ``torch.compile``d blocks keep less (inductor recomputes pointwise results), so for compiled runs
 the plan is an upper bound. ``--simulate`` also runs rank 0's training steps at the full world size
-on fake tensors (``fms_dyt.simulate``) and reports its measured peak next to the plan; it exits 2
-when that peak does not fit the GPU.
+on fake tensors (``fms_dyt.simulate``) and reports its measured peak next to the plan, and the
+collectives (count, bytes and link time by kind and group) and device-to-host reads of its last
+step, the trainer's own ``train_step``; it exits 2 when that peak does not fit the GPU.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 from fms_dyt.config import ConfigError, load_config, model_args, norm_args, schedule
 from fms_dyt.errors import config_dtype
-from fms_dyt.metrics import PEAK_FLOPS, flops_per_token
+from fms_dyt.metrics import PEAK_FLOPS, flops_per_token, matmul_params
 from fms_dyt.model import ModelArgs, Transformer, count_parameters
 from fms_dyt.norms import POINTWISE
 from fms_dyt.loss import cross_entropy
@@ -47,12 +56,19 @@ GIB = 2**30
 class Gpu:
     peak_flops: float  # dense bf16, FLOP/s
     memory_gib: float
+    nvlink_gb_s: float  # within a node: NVLink, GB/s per GPU and direction
+    network_gbit_s: float  # across nodes: the GPU's own InfiniBand port, Gb/s per direction
 
 
 GPUS = {
-    "a100": Gpu(PEAK_FLOPS["A100"], 80.0),  # A100 80GB SXM
-    "h100": Gpu(PEAK_FLOPS["H100"], 80.0),  # H100 SXM
-    "h200": Gpu(PEAK_FLOPS["H200"], 141e9 / GIB),  # 141 GB HBM3e
+    # A100 80GB SXM: NVLink3 600 GB/s in both directions together (NVIDIA A100 datasheet); DGX A100:
+    # one 200 Gb/s HDR InfiniBand port per GPU (ConnectX-6, DGX A100 user guide).
+    "a100": Gpu(PEAK_FLOPS["A100"], 80.0, 300.0, 200.0),
+    # H100 SXM: NVLink4 900 GB/s in both directions together (NVIDIA H100 datasheet); DGX H100: one
+    # 400 Gb/s NDR InfiniBand port per GPU (ConnectX-7, DGX H100 user guide).
+    "h100": Gpu(PEAK_FLOPS["H100"], 80.0, 450.0, 400.0),
+    # H200 SXM: 141 GB HBM3e, NVLink 900 GB/s (NVIDIA H200 datasheet); networked as the DGX H100.
+    "h200": Gpu(PEAK_FLOPS["H200"], 141e9 / GIB, 450.0, 400.0),
 }
 GPUS_PER_NODE = 8
 DEFAULT_MFU = 0.40  # fms-fsdp reports 0.38-0.68 for LLaMA 7B-70B on A100/H100 (compiled)
@@ -250,11 +266,14 @@ def default_layout(cfg) -> tuple[int, int]:
 
 
 def _unit_params(model: Transformer) -> dict[str, int]:
-    """Parameters of each FSDP2 unit: one block, the embedding, the final norm with the head."""
+    """Parameters of each FSDP2 unit: one block, the embedding, the final norm with the head, and
+    the root (the model's own parameters: the embedding scalar)."""
     def count(*modules):
         return sum(p.numel() for m in modules for p in m.parameters())
-    return {"block": count(model.layers[0]), "embedding": count(model.tok_embeddings),
-            "head": count(model.norm, model.output)}
+    units = {"block": count(model.layers[0]), "embedding": count(model.tok_embeddings),
+             "head": count(model.norm, model.output)}
+    units["root"] = count(model) - units["embedding"] - len(model.layers) * units["block"] - units["head"]
+    return units
 
 
 def memory_phases(n_params: int, units: dict[str, int], shard: int, compute: int, reduce: int,
@@ -289,8 +308,128 @@ def memory_phases(n_params: int, units: dict[str, int], shard: int, compute: int
     }
 
 
+# ---- communication ---------------------------------------------------------------------------------
+
+# The bytes each rank sends (and receives) per byte of a collective's buffer S over n ranks, with
+# NCCL's ring algorithms (the "bus bandwidth" factors of nccl-tests' doc/PERFORMANCE.md): an
+# all-gather or reduce-scatter passes (n-1)/n·S through every rank's link, an all-reduce (a
+# reduce-scatter, then an all-gather) 2(n-1)/n·S; NCCL's tree all-reduce has the same bandwidth
+# term. S is the gathered size (all-gather), the input (reduce-scatter), the buffer (all-reduce).
+LINK_BYTES = {
+    "allgather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "allreduce": lambda n: 2 * (n - 1) / n,
+    "broadcast": lambda n: 1.0 if n > 1 else 0.0,
+}
+
+
+@dataclass(frozen=True)
+class Network:
+    """The bandwidths the planner assumes, bytes/s per GPU and direction: NVLink when a group's
+    ranks share a node, the GPU's own InfiniBand port when they do not (NCCL gives each GPU's
+    traffic to the port beside it, so a group across nodes runs at the port's speed).
+    Bandwidth terms only: latency (microseconds a hop) and protocol overhead are left out, so the
+    times are lower bounds, closest for the large all-gathers and reduce-scatters of FSDP."""
+
+    intra_node: float
+    inter_node: float
+
+    @classmethod
+    def of(cls, gpu: Gpu, nvlink_gb_s: float | None = None, network_gbit_s: float | None = None) -> "Network":
+        return cls((nvlink_gb_s or gpu.nvlink_gb_s) * 1e9, (network_gbit_s or gpu.network_gbit_s) * 1e9 / 8)
+
+    def seconds(self, kind: str, nbytes: float, ranks: int, nodes: int) -> float:
+        """Link time of one collective of ``nbytes`` over ``ranks`` ranks spread over ``nodes`` nodes."""
+        if ranks <= 1 or kind not in LINK_BYTES:
+            return 0.0
+        return LINK_BYTES[kind](ranks) * nbytes / (self.intra_node if nodes <= 1 else self.inter_node)
+
+    def describe(self) -> dict:
+        return {"intra_node_GB_s": self.intra_node / 1e9, "inter_node_Gbit_s": self.inter_node * 8 / 1e9,
+                "algorithm": "ring: all-gather and reduce-scatter move (n-1)/n of the buffer through each "
+                             "GPU's link, all-reduce 2(n-1)/n; bandwidth only, no latency"}
+
+
+def group_nodes(ranks: list[int], gpus_per_node: int) -> int:
+    return len({r // gpus_per_node for r in ranks})
+
+
+def step_communication(units: dict[str, int], n_layers: int, replicas: int, shard: int, gpus_per_node: int,
+                       compute: int, reduce: int, accum: int, defer_grad_sync: bool, network: Network,
+                       unit_compute_s: dict[str, tuple[float, float]]) -> dict:
+    """FSDP2's collectives in one step of one rank, their link time, and the part compute cannot hide.
+
+    FSDP2 units as ``fms_dyt.parallel.apply_parallelism`` lays them out: the root (parameters of
+    the model itself, the embedding scalar), the embedding, each block, the head (final norm and
+    output, not resharded after forward). Per micro-batch: an all-gather of every unit in forward
+    (compute dtype), again in backward for the resharded ones (embedding and blocks), and a
+    reduce-scatter of every unit's gradients (reduce dtype) -- with ``defer_grad_sync`` on the
+    last micro-batch only; with a replicate dimension (hybrid), an all-reduce of each reduced shard
+    across the replicas on the last micro-batch. The gradient-norm reduction (a few bytes) is left out.
+
+    Overlap: FSDP2 gathers the next unit while the current one computes, and reduces a unit's
+    gradients while the one before it computes its backward. So in forward the first gathers
+    (root, embedding) are exposed, and each next gather beyond the compute of the unit it hides
+    behind; in backward likewise for the gather of the next unit plus the reduction of the last
+    one, and the reductions of the embedding and root (nothing computes after them) are exposed.
+    Collectives that overlap one unit's compute share its links: their times add.
+    ``unit_compute_s``: unit -> (forward, backward) seconds of one micro-batch.
+    """
+    shard_nodes = group_nodes(list(range(shard)), gpus_per_node)
+    replicate_nodes = group_nodes([r * shard for r in range(replicas)], gpus_per_node)
+    root = units["root"]
+
+    def gather(n):
+        return network.seconds("allgather", n * compute, shard, shard_nodes)
+
+    def reduction(n, last):
+        if defer_grad_sync and not last:
+            return 0.0
+        t = network.seconds("reduce_scatter", n * reduce, shard, shard_nodes)
+        return t + (network.seconds("allreduce", n / shard * reduce, replicas, replicate_nodes) if last else 0.0)
+
+    names = ["root", "embedding"] + ["block"] * n_layers + ["head"]
+    names = [u for u in names if units[u] or u != "root"]
+    per_micro_gather = names + [u for u in names if u in ("block", "embedding")]
+    exposed = comm = 0.0
+    for micro in range(accum):
+        last = micro == accum - 1
+        # forward: gathers in order, each hidden behind the unit before it
+        exposed += gather(units[names[0]])
+        for prev, nxt in zip(names, names[1:]):
+            exposed += max(0.0, gather(units[nxt]) - unit_compute_s[prev][0])
+        # backward: head, blocks, embedding; the root's and embedding's gradients are reduced last
+        order = [u for u in reversed(names) if u != "root"]
+        for k, unit in enumerate(order):
+            nxt = order[k + 1] if k + 1 < len(order) else None
+            prefetch = gather(units[nxt]) if nxt in ("block", "embedding") else 0.0
+            reducing = reduction(units[order[k - 1]], last) if k else 0.0
+            exposed += max(0.0, prefetch + reducing - unit_compute_s[unit][1])
+        exposed += reduction(units["embedding"], last) + (reduction(root, last) if root else 0.0)
+        comm += gather(sum(units[u] for u in per_micro_gather)) + reduction(sum(units[u] for u in names), last)
+
+    counts = {"allgather": 0, "reduce_scatter": 0, "allreduce": 0}
+    nbytes = dict.fromkeys(counts, 0)
+    for micro in range(accum):
+        last = micro == accum - 1
+        counts["allgather"] += len(per_micro_gather)
+        nbytes["allgather"] += sum(units[u] for u in per_micro_gather) * compute
+        if last or not defer_grad_sync:
+            counts["reduce_scatter"] += len(names)
+            nbytes["reduce_scatter"] += sum(units[u] for u in names) * reduce
+        if last and replicas > 1:
+            counts["allreduce"] += len(names)
+            nbytes["allreduce"] += sum(units[u] for u in names) / shard * reduce
+    if shard == 1:  # no sharding: FSDP2 gathers and reduce-scatters on one rank, which moves nothing
+        counts["allgather"] = counts["reduce_scatter"] = 0
+        nbytes["allgather"] = nbytes["reduce_scatter"] = 0
+    per_kind = {k: {"count": counts[k], "bytes": int(nbytes[k])} for k in counts if counts[k]}
+    return {"comm_per_step": per_kind, "comm_s_per_step": comm, "exposed_comm_s_per_step": exposed}
+
+
 def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_node: int, gpu: str,
-                 mfu: float, overhead_gib: float) -> dict:
+                 mfu: float, overhead_gib: float, nvlink_gb_s: float | None = None,
+                 network_gbit_s: float | None = None) -> dict:
     from fms_dyt.parallel import checkpointed_blocks, mesh_shape
 
     args, p_cfg, t = model.args, cfg.parallel, cfg.train
@@ -319,7 +458,22 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
 
     fpt = flops_per_token(args, t.seq_len)
     spec = GPUS[gpu]
-    tps_gpu = mfu * spec.peak_flops / fpt
+    network = Network.of(spec, nvlink_gb_s, network_gbit_s)
+    # Compute: every unit's FLOPs at the assumed MFU; a checkpointed block's backward runs its
+    # forward again (selective checkpointing: the fraction of blocks that do).
+    speed = mfu * spec.peak_flops
+    tokens = t.micro_batch_size * t.seq_len
+    block_fwd = tokens * (2 * (matmul_params(args) - args.dim * args.vocab_size) / args.n_layers
+                          + 4 * args.dim * t.seq_len) / speed
+    head_fwd = tokens * 2 * args.dim * args.vocab_size / speed
+    recompute = sum(ckpt) / args.n_layers
+    unit_s = {"root": (0.0, 0.0), "embedding": (0.0, 0.0), "block": (block_fwd, (2 + recompute) * block_fwd),
+              "head": (head_fwd, 2 * head_fwd)}
+    compute_s = accum * (args.n_layers * sum(unit_s["block"]) + sum(unit_s["head"]))
+    comm = step_communication(_unit_params(model), args.n_layers, replicas, shard, gpus_per_node, compute, reduce,
+                              accum, p_cfg.defer_grad_sync, network, unit_s)
+    step_s = compute_s + comm["exposed_comm_s_per_step"]
+    tps_gpu = tokens * accum / step_s
     train_tokens = t.tokens if t.tokens is not None else (t.max_steps * t.global_batch_tokens if t.max_steps else None)
     return {
         "layout": {
@@ -337,7 +491,15 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
         "fits": total_gib <= spec.memory_gib,
         "flops_per_token": fpt,
         "mfu": mfu,
+        "network": network.describe(),
+        "comm_per_step": comm["comm_per_step"],
+        "compute_s_per_step": round(compute_s, 4),
+        "comm_s_per_step": round(comm["comm_s_per_step"], 4),
+        "exposed_comm_s_per_step": round(comm["exposed_comm_s_per_step"], 4),
+        "step_s": round(step_s, 4),
+        "compute_tokens_per_s_per_gpu": round(tokens * accum / compute_s, 1),
         "tokens_per_s_per_gpu": round(tps_gpu, 1),
+        "mfu_effective": round(tps_gpu * fpt / spec.peak_flops, 4),
         "tokens_per_s": round(tps_gpu * world, 1),
         "train_tokens": train_tokens,
         "steps": steps if (t.tokens is not None or t.max_steps is not None) else None,
@@ -346,7 +508,8 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
 
 
 def plan(cfg, nodes: int | None = None, gpus_per_node: int | None = None, gpu: str = "h100",
-         mfu: float = DEFAULT_MFU, overhead_gib: float = DEFAULT_OVERHEAD_GIB) -> dict:
+         mfu: float = DEFAULT_MFU, overhead_gib: float = DEFAULT_OVERHEAD_GIB, nvlink_gb_s: float | None = None,
+         network_gbit_s: float | None = None) -> dict:
     args, norm = model_args(cfg), norm_args(cfg)
     with torch.device("meta"):
         model = Transformer(args, norm)
@@ -362,7 +525,8 @@ def plan(cfg, nodes: int | None = None, gpus_per_node: int | None = None, gpu: s
         "params_by_part": {k: v for k, v in parts.items() if k != "total"},
         "alpha": norm.alpha0() or None,
         "embedding_scale": model.embedding_scale is not None,
-        **cluster_plan(cfg, model, parts["total"], nodes, gpus_per_node, gpu, mfu, overhead_gib),
+        **cluster_plan(cfg, model, parts["total"], nodes, gpus_per_node, gpu, mfu, overhead_gib, nvlink_gb_s,
+                       network_gbit_s),
     }
 
 
@@ -398,9 +562,23 @@ def format_plan(p: dict) -> str:
             f"optimizer {sim['optimizer']:.1f}, activations {sim['activations']:.1f}, comm {sim['comm']:.1f}, "
             f"overhead {sim['overhead']:.1f} (assumed, as planned)"
         )
+    net = p["network"]
+    comm = ", ".join(f"{kind} {c['count']} x, {c['bytes'] / 1e9:.2f} GB" for kind, c in p["comm_per_step"].items())
     lines.append(
-        f"{p['flops_per_token']:.3g} FLOP per token; at MFU {p['mfu']:.2f}: "
-        f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {p['tokens_per_s']:,.0f} tokens/s in all"
+        f"communication per step and GPU (FSDP2, planned): {comm or 'none'}; "
+        f"{p['comm_s_per_step']:.3f} s on the links (NVLink {net['intra_node_GB_s']:.0f} GB/s, "
+        f"InfiniBand {net['inter_node_Gbit_s']:.0f} Gb/s per GPU), {p['exposed_comm_s_per_step']:.3f} s not hidden "
+        f"behind {p['compute_s_per_step']:.3f} s of compute"
+    )
+    if "collectives_per_step" in p:
+        sim = ", ".join(f"{kind} {c['count']} x, {c['bytes'] / 1e9:.2f} GB"
+                        for kind, c in p["collectives_per_step"].items())
+        lines.append(f"simulated step of rank 0: collectives {sim or 'none'} ({p['simulated_comm_s_per_step']:.3f} s "
+                     f"on the links); {p['host_syncs_per_step']} device-to-host read(s)")
+    lines.append(
+        f"{p['flops_per_token']:.3g} FLOP per token; at MFU {p['mfu']:.2f} while computing, with the exposed "
+        f"communication: {p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (MFU {p['mfu_effective']:.2f}), "
+        f"{p['tokens_per_s']:,.0f} tokens/s in all"
     )
     if p["days"] is not None:
         lines.append(f"{p['train_tokens']:,.0f} tokens ({p['steps']:,} steps): {p['days']:.3g} days")
@@ -424,7 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, help="nodes (default: the config's own layout, see above)")
     parser.add_argument("--gpus-per-node", type=int, help=f"GPUs per node (default {GPUS_PER_NODE})")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model (default h100)")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed MFU (default {DEFAULT_MFU})")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                        help=f"assumed MFU while computing, communication aside (default {DEFAULT_MFU})")
+    parser.add_argument("--nvlink-gbs", type=float,
+                        help="GB/s per GPU and direction within a node (default: the GPU's NVLink, e.g. h100 450)")
+    parser.add_argument("--network-gbits", type=float,
+                        help="Gb/s per GPU across nodes (default: one InfiniBand port per GPU, h100 400, a100 200)")
     parser.add_argument("--overhead-gib", type=float, default=DEFAULT_OVERHEAD_GIB,
                         help=f"per-GPU memory outside the model (default {DEFAULT_OVERHEAD_GIB})")
     parser.add_argument("--measure", action="store_true",
@@ -438,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(ns.overrides)
-        p = plan(cfg, ns.nodes, ns.gpus_per_node, ns.gpu, ns.mfu, ns.overhead_gib)
+        p = plan(cfg, ns.nodes, ns.gpus_per_node, ns.gpu, ns.mfu, ns.overhead_gib, ns.nvlink_gbs, ns.network_gbits)
     except ConfigError as e:
         print(f"fms_dyt.plan: configuration error: {e}", file=sys.stderr)
         return 2
@@ -465,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
                  simulated_peak_gib=round(sim["simulated_peak_gib"] + overhead, 3),
                  simulated_gib={**sim["simulated_gib"], "overhead": overhead})
         p["plan_over_simulated"] = round(p["memory_per_gpu_gib"] / p["simulated_peak_gib"], 3)
+        network = Network.of(GPUS[ns.gpu], ns.nvlink_gbs, ns.network_gbits)
+        for entry in p["collectives_per_step_by_group"]:
+            entry["seconds"] = round(network.seconds(entry["kind"], entry["bytes"], entry["ranks"], entry["nodes"]), 6)
+        p["simulated_comm_s_per_step"] = round(sum(e["seconds"] for e in p["collectives_per_step_by_group"]), 4)
     print(json.dumps(p) if ns.json else format_plan(p))
     if ns.simulate:
         needed = p["simulated_peak_gib"]

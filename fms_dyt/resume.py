@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from fms_dyt.checkpoint import complete_checkpoints
 from fms_dyt.config import Config, ConfigError, ModelConfig, NormConfig
+from fms_dyt.parallel import on_rank0
 
 log = logging.getLogger("fms_dyt")
 
@@ -69,8 +70,9 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 def check_same_run(cfg, run_dir: Path) -> None:
     """Raise ConfigError when ``run_dir`` holds a run that ``cfg`` would change (see the module
-    docstring); with ``train.resume=force`` log the changes instead."""
-    previous = previous_config(run_dir)
+    docstring); with ``train.resume=force`` log the changes instead. In a run rank 0 reads the
+    previous configuration for every rank."""
+    previous = on_rank0(lambda: previous_config(run_dir))
     if previous is None:
         return
     source, old = previous

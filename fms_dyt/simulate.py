@@ -14,6 +14,13 @@ shards and the all-gathered compute-dtype copies), gradients, optimizer state, a
 (everything autograd keeps, and the step's temporaries) and communication buffers (FSDP2's
 all-gather and reduce-scatter buffers).
 
+The last of those steps is also audited (:class:`fms_dyt.audit.StepAudit`): the collectives it issues
+by kind, process group and bytes, and its device-to-host reads. The step is the trainer's own
+``fms_dyt.trainer.train_step``, called with the arguments the training loop passes, so what it
+counts is what a non-log step of ``train.py`` costs (the loop's stop agreement,
+``StopRequest.agreed``, is called outside ``train_step`` and is not part of it). A fake tensor has
+no value to read back: each read is counted and answered with zero (a finite loss, no stop).
+
 What it is not: the fake devices are CPUs (FSDP2 on a "cuda" mesh needs a CUDA driver), so the
 figure is the bytes of PyTorch tensors only. What a GPU holds outside them -- the CUDA context,
 NCCL's own buffers, the caching allocator's fragmentation -- stays the planner's ``overhead``.
@@ -30,7 +37,9 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from fms_dyt.audit import _HOST_READS, StepAudit, _op_name, collective_kind, process_groups
 from fms_dyt.config import schedule
 from fms_dyt.plan import GIB, MemoryMeter
 
@@ -86,6 +95,28 @@ def _fsdp_roles(meter: MemoryMeter):
             stack.enter_context(mock.patch.object(FSDPParamGroup, name, wrapper))
         stack.enter_context(mock.patch.object(torch.UntypedStorage, "resize_", resize_))
         yield
+
+
+class _FakeStepAudit(StepAudit):
+    """:class:`StepAudit` for fake tensors: a device-to-host read is counted and answered with zero
+    (a fake tensor has no value; zero is a finite loss and "no stop"), and the ranks of every
+    process group a collective runs on are kept (``groups``: description -> ranks), so that the
+    planner can tell a group within a node from one across nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups: dict[str, list[int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = _op_name(func)
+        if name in _HOST_READS and not is_traceable_wrapper_subclass(args[0]):  # a DTensor's: its shard's, below
+            self.host_reads[name] += 1
+            dtype = args[0].dtype
+            return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+        if collective_kind(func) is not None:
+            for group in process_groups([*args, *(kwargs or {}).values()]):
+                self.groups.setdefault(group.group_desc or group.group_name, dist.get_process_group_ranks(group))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 @contextmanager
@@ -150,11 +181,15 @@ def simulate(cfg, nodes: int, gpus_per_node: int) -> dict:
             t, vocab = cfg.train, cfg.model.vocab_size
             tokens = torch.randint(0, vocab, (t.micro_batch_size, t.seq_len))
             batches = itertools.repeat((tokens, tokens))
-            with meter, _fsdp_roles(meter), _optimizer_role(meter, optimizer):
-                for _ in range(STEPS):
+            audit = _FakeStepAudit()
+            # The audit below the meter: the meter sees DTensor ops whole, as the trainer holds them.
+            with audit, meter, _fsdp_roles(meter), _optimizer_role(meter, optimizer):
+                for step in range(1, STEPS + 1):
+                    audit.reset()  # the last step is reported: the first one also creates AdamW's state
+                    # As fms_dyt.trainer's loop calls it on every step.
                     trainer.train_step(model, optimizer, batches, accum, cfg.optim.grad_clip, d.device,
-                                       defer_grad_sync=cfg.parallel.defer_grad_sync, hybrid=replicas > 1,
-                                       check_finite=False)
+                                       defer_grad_sync=cfg.parallel.defer_grad_sync,
+                                       hybrid=cfg.parallel.sharding != "full")
     finally:
         dist.destroy_process_group()
     return {
@@ -162,4 +197,13 @@ def simulate(cfg, nodes: int, gpus_per_node: int) -> dict:
         "simulated_gib": {k: round(v / GIB, 3) for k, v in meter.at_peak.items()},
         "simulated_steps": STEPS,
         "simulated_wall_s": round(time.perf_counter() - t0, 1),
+        "collectives_per_step": audit.by_kind(),
+        "collectives_per_step_by_group": [
+            {"kind": kind, "group": group, "ranks": len(audit.groups.get(group, ())),
+             "nodes": len({r // gpus_per_node for r in audit.groups.get(group, ())}),
+             "count": n, "bytes": audit.collective_bytes[kind, group]}
+            for (kind, group), n in sorted(audit.collectives.items())
+        ],
+        "host_syncs_per_step": audit.total_host_reads(),
+        "host_reads_per_step": dict(audit.host_reads),
     }

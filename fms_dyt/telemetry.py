@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fms_dyt.norms import norm_sites
+from fms_dyt.parallel import on_rank0
 
 log = logging.getLogger("fms_dyt")
 
@@ -48,7 +49,7 @@ HINT = ("with DyT-like norms, try a scale-free final norm (norm.final=rmsnorm), 
 def fixed_batch(cfg) -> torch.Tensor:
     """The inputs of every telemetry pass: the first ``train.micro_batch_size`` windows of the run's
     data read by one reader (rank 0 of 1, no workers), so they do not depend on the world size,
-    ``data.num_workers`` or a resume."""
+    ``data.num_workers`` or a resume. In a run, rank 0 alone reads them (:meth:`Telemetry.for_run`)."""
     from fms_dyt.data.config import DataConfig, as_config
     from fms_dyt.data.pipeline import PackedLoader
 
@@ -130,11 +131,14 @@ class Telemetry:
     @classmethod
     def for_run(cls, cfg, total_steps: int, is_main: bool, resumed: bool) -> Optional["Telemetry"]:
         """None when ``logging.telemetry_interval`` is null; a resumed run's warnings go on from its
-        ``metrics.jsonl`` (rank 0, the one that warns)."""
+        ``metrics.jsonl`` (rank 0, the one that warns). Every rank calls it (rank 0 reads the batch
+        and broadcasts it; its error is raised on every rank)."""
         interval = cfg.logging.telemetry_interval
         if interval is None:
             return None
-        telemetry = cls(fixed_batch(cfg), interval, total_steps, is_main)
+        # rank 0 reads, every rank gets the batch (a few KB, pickled): not 1,024 loaders opening the
+        # same first file (with data=pile, the same hub stream)
+        telemetry = cls(on_rank0(lambda: fixed_batch(cfg)), interval, total_steps, is_main)
         if resumed and is_main:
             from fms_dyt.analysis.runs import read_metrics
 

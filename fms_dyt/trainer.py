@@ -27,7 +27,7 @@ from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, nor
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
-from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize
+from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize, use_step_timeout
 from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 from fms_dyt.validation import build_validation
@@ -190,7 +190,7 @@ def train(cfg, data=None) -> int:
 
 
 def _train(cfg, data, stop: StopRequest) -> int:
-    d = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+    d = init_distributed(cfg.train.device, cfg.parallel.init_timeout_s)
     total_steps, accum = schedule(cfg, d.world_size)
     run_dir = Path(cfg.run_dir)
     if data is None:
@@ -261,6 +261,8 @@ def _train(cfg, data, stop: StopRequest) -> int:
         result = train_step(model, optimizer, batches, accum, cfg.optim.grad_clip, d.device,
                             defer_grad_sync=cfg.parallel.defer_grad_sync, hybrid=cfg.parallel.sharding != "full")
         skips.add(result.updated)
+        if step == eta.start_step + 1:  # start-up is over (loading, the first compiled step): shorter timeouts
+            use_step_timeout(cfg.parallel.timeout_s)
         data_wait += result.data_wait_s
         tokens_seen += cfg.train.global_batch_tokens
         meter.add(cfg.train.global_batch_tokens)

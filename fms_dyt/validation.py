@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from fms_dyt.data.sources import HubSource, LocalSource, ShardError, Source, mak
 from fms_dyt.data.tokenizer import TextEncoder
 from fms_dyt.errors import ConfigError
 from fms_dyt.loss import cross_entropy
+from fms_dyt.parallel import on_rank0
 
 log = logging.getLogger(__name__)
 
@@ -117,37 +118,10 @@ class Validation:
         return sum(sums.cpu().tolist()) / self.tokens
 
 
-def read_on_rank0(read: Callable[[], torch.Tensor], rank: int, world_size: int, device: torch.device) -> torch.Tensor:
-    """``read()`` on rank 0, broadcast to every rank. Rank 0's error reaches every rank too (a
-    ConfigError as one), so no rank waits for a tensor that never comes."""
-    if world_size == 1:
-        return read()
-    header: list = [None]
-    error = None
-    if rank == 0:
-        try:
-            windows = read()
-            header = [("ok", tuple(windows.shape))]
-        except Exception as e:
-            error, header = e, [("config" if isinstance(e, ConfigError) else "error", str(e))]
-    dist.broadcast_object_list(header, src=0, device=device)
-    if error is not None:
-        raise error
-    kind, value = header[0]
-    if kind == "config":
-        raise ConfigError(value)
-    if kind == "error":
-        raise RuntimeError(f"rank 0 could not read the validation windows: {value}")
-    buffer = windows.to(device) if rank == 0 else torch.empty(value, dtype=torch.long, device=device)
-    dist.broadcast(buffer, src=0)
-    return buffer
-
-
 def build_validation(cfg, rank: int, world_size: int, device: torch.device) -> Validation | None:
     """The run's validation (None when ``validation.interval`` is null), windows read and tokenized now."""
     v = cfg.validation
     if v.interval is None:
         return None
-    windows = read_on_rank0(lambda: heldout_windows(cfg.data, cfg.tokenizer, cfg.train.seq_len, v.tokens),
-                            rank, world_size, device)
+    windows = on_rank0(lambda: heldout_windows(cfg.data, cfg.tokenizer, cfg.train.seq_len, v.tokens), device)
     return Validation(windows, v.interval, cfg.train.micro_batch_size, rank, world_size, device)

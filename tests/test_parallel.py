@@ -20,7 +20,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from fms_dyt.config import load_config, model_args, norm_args
 from fms_dyt.model import Transformer
 from fms_dyt.optim import build_optimizer
-from fms_dyt.parallel import apply_parallelism, materialize, process_group_backend
+from fms_dyt.audit import StepAudit
+from fms_dyt.parallel import apply_parallelism, materialize, mesh_layout, process_group_backend
 from fms_dyt.trainer import train, train_step
 
 SEQ, MICRO, ACCUM = 16, 2, 4
@@ -34,7 +35,9 @@ def _model(cfg, device="meta"):
 
 
 def _mesh(world, replicas=1):
-    return init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+    """The trainer's mesh: full sharding (1-D) with one replica, else (replicas, world / replicas)."""
+    shape, names = mesh_layout("full" if replicas == 1 else "hybrid", world, world, replicas)
+    return init_device_mesh("cpu", shape, mesh_dim_names=names)
 
 
 def test_process_group_backend_gives_async_checkpoints_a_cpu_backend_on_gpus():
@@ -87,6 +90,37 @@ def test_layout_embedding_and_head_units_names_unchanged(fake_world_of_two):
     assert head._fsdp_param_group.post_forward_mesh_info is None  # not resharded after forward
     root = {id(fp.sharded_param) for fp in fully_shard.state(model)._fsdp_param_group.fsdp_params}
     assert root == {id(model.embedding_scale)}  # the root unit holds only what no other unit does
+
+
+def test_full_sharding_is_1d_and_hybrid_2d_with_the_same_dimension_names():
+    assert mesh_layout("full", 1024, 8, None) == ((1024,), ("shard",))
+    assert mesh_layout("hybrid", 1024, 8, None) == ((128, 8), ("replicate", "shard"))  # one replica a node
+    assert mesh_layout("hybrid", 1024, 8, 4) == ((4, 256), ("replicate", "shard"))
+    assert mesh_layout("none", 1024, 8, None) == ((1024, 1), ("replicate", "shard"))
+
+
+def test_full_sharding_takes_fsdps_plain_path_and_skips_the_embeddings_gather_in_backward(fake_world_of_two):
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
+
+    cfg = load_config(TINY)
+    model = _model(cfg)
+    apply_parallelism(model, cfg.parallel, fake_world_of_two)
+    materialize(model, torch.device("cpu"), seed=0)
+    mesh_info = fully_shard.state(model.layers[0])._fsdp_param_group.mesh_info
+    assert type(mesh_info) is FSDPMeshInfo and not isinstance(mesh_info, HSDPMeshInfo)  # no replicate group of one
+    tokens = torch.zeros(MICRO, SEQ, dtype=torch.long)
+
+    def gathered_in_backward() -> tuple[int, int]:
+        loss = model(tokens).float().mean()
+        with StepAudit() as audit:
+            loss.backward()
+        return audit.collectives[("allgather", "default_pg")], audit.collective_bytes[("allgather", "default_pg")]
+    count, size = gathered_in_backward()
+    assert count == len(model.layers)  # each block again (resharded after forward); not the embedding, not the head
+    model.tok_embeddings.set_unshard_in_backward(True)  # what FSDP2 does by default
+    count_default, size_default = gathered_in_backward()
+    assert count_default == count + 1
+    assert size_default - size == model.tok_embeddings.weight.numel() * 4  # the whole fp32 table
 
 
 def test_compiled_blocks_fail_on_a_graph_break_instead_of_slowing_down(fake_world_of_two, monkeypatch):

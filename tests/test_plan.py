@@ -16,7 +16,7 @@ from fms_dyt.metrics import flops_per_token
 from fms_dyt.model import ModelArgs, Transformer
 from fms_dyt.norms import NormArgs
 from fms_dyt.parallel import checkpointed_blocks
-from fms_dyt.plan import GPUS, activation_bytes, measure_activation_bytes, plan
+from fms_dyt.plan import GPUS, Network, activation_bytes, measure_activation_bytes, plan
 
 PAPER_RUNS = {  # experiment: (nodes, GPUs per node) of Table 4
     "llama7b_dyt": (64, 8), "llama7b_rmsnorm": (64, 8), "llama13b_dyt": (64, 8), "llama13b_rmsnorm": (64, 8),
@@ -84,10 +84,12 @@ def test_sharding_and_checkpointing_move_memory_where_expected():
     twice = plan(load_config(base + ["parallel.sharding=full", "train.micro_batch_size=1"]), nodes=128)
     assert twice["layout"]["world_size"] == 1024 and twice["layout"]["grad_accum_steps"] == 1
     assert twice["memory_gib"]["optimizer"] == pytest.approx(full["memory_gib"]["optimizer"] / 2, rel=1e-2)
-    assert twice["tokens_per_s"] == pytest.approx(2 * full["tokens_per_s"], rel=1e-4)
+    # Compute alone scales with the GPUs; half the tokens a GPU hide less of the same all-gathers.
+    assert twice["compute_tokens_per_s_per_gpu"] == pytest.approx(full["compute_tokens_per_s_per_gpu"], rel=1e-4)
+    assert twice["exposed_comm_s_per_step"] / twice["step_s"] > full["exposed_comm_s_per_step"] / full["step_s"]
     h200 = plan(load_config(base), gpu="h200")
     a100 = plan(load_config(base), gpu="a100")
-    assert h200["tokens_per_s_per_gpu"] / a100["tokens_per_s_per_gpu"] == pytest.approx(
+    assert h200["compute_tokens_per_s_per_gpu"] / a100["compute_tokens_per_s_per_gpu"] == pytest.approx(
         GPUS["h200"].peak_flops / GPUS["a100"].peak_flops, rel=1e-4
     )
 
@@ -155,3 +157,52 @@ def test_param_count_and_alpha0_per_site_with_a_final_rmsnorm():
                          capture_output=True, text=True, check=True, timeout=300).stdout
     assert "norm dyt, final rmsnorm: 4,293,193 parameters" in out  # the tiny model
     assert "alpha0: attention 1, ffn 1\n" in out
+
+
+def test_link_time_of_a_collective_is_ring_bytes_over_the_stated_bandwidth():
+    h100 = Network.of(GPUS["h100"])
+    assert (h100.intra_node, h100.inter_node) == (450e9, 50e9)  # NVLink4 per direction; 400 Gb/s per GPU
+    gb = 1e9
+    assert h100.seconds("allgather", gb, 8, 1) == pytest.approx(7 / 8 * gb / 450e9)
+    assert h100.seconds("reduce_scatter", gb, 8, 1) == pytest.approx(7 / 8 * gb / 450e9)
+    assert h100.seconds("allreduce", gb, 64, 64) == pytest.approx(2 * 63 / 64 * gb / 50e9)
+    assert h100.seconds("allgather", gb, 1024, 128) == pytest.approx(1023 / 1024 * gb / 50e9)
+    assert h100.seconds("allreduce", gb, 1, 1) == 0.0
+    assert Network.of(GPUS["a100"]).inter_node == 25e9
+    assert Network.of(GPUS["h100"], nvlink_gb_s=100, network_gbit_s=800).inter_node == 100e9
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_RUNS))
+def test_paper_runs_tokens_per_s_is_compute_plus_exposed_communication(experiment):
+    p = plan(load_config([f"experiment={experiment}"]))
+    tokens = p["layout"]["micro_batch_size"] * p["layout"]["seq_len"] * p["layout"]["grad_accum_steps"]
+    assert p["step_s"] == pytest.approx(p["compute_s_per_step"] + p["exposed_comm_s_per_step"], abs=1e-3)
+    assert 0 <= p["exposed_comm_s_per_step"] <= p["comm_s_per_step"]
+    assert p["tokens_per_s_per_gpu"] == pytest.approx(tokens / p["step_s"], rel=1e-3)
+    assert p["tokens_per_s_per_gpu"] <= p["compute_tokens_per_s_per_gpu"]
+    assert p["mfu_effective"] == pytest.approx(p["tokens_per_s_per_gpu"] * p["flops_per_token"] / 989e12, rel=1e-3)
+    shard, replicas = p["layout"]["shard_size"], p["layout"]["replicas"]
+    comm = p["comm_per_step"]
+    # bf16 all-gathers of every parameter, twice but for the head's (kept after forward); fp32
+    # reduce-scatters of every gradient; hybrid: an fp32 all-reduce of this rank's shard.
+    assert comm["allgather"]["bytes"] == pytest.approx(2 * 2 * p["n_params"], rel=0.03)
+    assert comm["reduce_scatter"]["bytes"] == pytest.approx(4 * p["n_params"], rel=1e-6)
+    if replicas > 1:
+        assert comm["allreduce"]["bytes"] == pytest.approx(4 * p["n_params"] / shard, rel=1e-6)
+    else:
+        assert "allreduce" not in comm
+
+
+def test_one_gpu_without_checkpointing_runs_at_the_assumed_mfu_and_a_slow_network_shows():
+    cfg = load_config(["experiment=llama7b_dyt"])
+    alone = plan(cfg, nodes=1, gpus_per_node=1)
+    assert alone["comm_s_per_step"] == alone["exposed_comm_s_per_step"] == 0
+    assert alone["tokens_per_s_per_gpu"] == pytest.approx(0.40 * 989e12 / alone["flops_per_token"], rel=1e-3)
+    full = load_config(["experiment=llama7b_dyt", "parallel.sharding=full"])
+    fast, slow = plan(full), plan(full, network_gbit_s=25)
+    assert slow["comm_s_per_step"] == pytest.approx(16 * fast["comm_s_per_step"], rel=1e-4)
+    assert slow["exposed_comm_s_per_step"] > fast["exposed_comm_s_per_step"]
+    assert slow["tokens_per_s_per_gpu"] < fast["tokens_per_s_per_gpu"]
+    # Activation checkpointing: the recomputed forward is compute, a third more for the blocks.
+    ckpt = plan(load_config(["experiment=llama7b_dyt", "parallel.activation_checkpointing=full"]))
+    assert 1.25 < ckpt["compute_s_per_step"] / fast["compute_s_per_step"] < 1.34

@@ -97,6 +97,38 @@ def test_a_config_that_does_not_fit_fails_with_the_figures():
     assert "does not fit" in out.stderr and "80 GiB" in out.stderr
 
 
+@pytest.fixture(scope="module")
+def llama7b_dyt() -> dict:
+    """The 7B DyT paper run simulated at its full size, 64 nodes x 8 GPUs (about 20 s)."""
+    return _simulate(["experiment=llama7b_dyt"], nodes=64, gpus_per_node=8)
+
+
+def test_simulated_collectives_are_the_planned_ones_and_are_timed(llama7b_dyt):
+    p = llama7b_dyt
+    simulated, planned = p["collectives_per_step"], p["comm_per_step"]
+    for kind in ("allgather", "reduce_scatter"):  # FSDP2's, on the 8 GPUs of a node (hybrid sharding)
+        assert simulated[kind]["count"] == planned[kind]["count"], kind
+        assert simulated[kind]["bytes"] == pytest.approx(planned[kind]["bytes"], rel=1e-3), kind
+    groups = {(g["kind"], g["group"]): g for g in p["collectives_per_step_by_group"]}
+    assert {(g["ranks"], g["nodes"]) for (kind, _), g in groups.items() if kind != "allreduce"} == {(8, 1)}
+    # Across the 64 replicas, one GPU a node: each unit's reduced shard, fp32.
+    across = [g for g in groups.values() if g["kind"] == "allreduce" and g["ranks"] == 64]
+    assert len(across) == 1 and across[0]["nodes"] == 64
+    assert across[0]["count"] == planned["allreduce"]["count"]
+    assert across[0]["bytes"] == pytest.approx(planned["allreduce"]["bytes"], rel=1e-3)
+    assert across[0]["seconds"] == pytest.approx(2 * 63 / 64 * across[0]["bytes"] / 50e9, rel=1e-3)
+    assert p["simulated_comm_s_per_step"] == pytest.approx(p["comm_s_per_step"], rel=0.01)
+
+
+def test_a_non_log_step_reads_nothing_back_and_adds_one_reduction_to_fsdp(llama7b_dyt):
+    """The trainer's step between log steps (issue 20): no device-to-host read, and besides FSDP2's
+    own collectives only the gradient norm's reduction."""
+    p = llama7b_dyt
+    assert p["host_syncs_per_step"] == 0, p["host_reads_per_step"]
+    fsdp = p["comm_per_step"]["allreduce"]["count"]
+    assert p["collectives_per_step"]["allreduce"]["count"] <= fsdp + 1, p["collectives_per_step_by_group"]
+
+
 def _real_run(result: str, overrides: list[str]) -> None:
     """Two steps of the trainer's step on real CPU tensors; rank 0 writes its peak bytes in use."""
     import torch
@@ -128,32 +160,65 @@ class _Mallinfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+_LIBC = None
+
+
 def _malloc_in_use() -> int:
-    """Bytes glibc has handed out and not taken back: mmapped blocks (any thread) and the main heap."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _Mallinfo2
-    info = libc.mallinfo2()
+    """Bytes glibc has handed out and not taken back: mmapped blocks (any thread) and the main heap.
+    The library is loaded on the first call and kept."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.mallinfo2.restype = _Mallinfo2
+    info = _LIBC.mallinfo2()
     return info.hblkhd + info.uordblks
 
 
+# An operation's output of this size or more is a block of its own (MALLOC_MMAP_THRESHOLD_, _env).
+_SAMPLED_BYTES = 65536
+
+
 def _malloc_peak():
-    """The C library's bytes in use, sampled after every tensor operation: the allocator's own
-    accounting, independent of fms-dyt's meter. (torch.profiler's allocation events miss the frees
-    made on gloo's threads, so their running total only grows.) With MALLOC_MMAP_THRESHOLD_ fixed,
-    every tensor above 64 KiB is a block of its own that leaves the count when it is freed."""
+    """The C library's bytes in use, sampled where they can peak: after every tensor operation that
+    allocates a block of its own, and after every collective (gloo's copies of its buffers are
+    alive when the op returns). This is the allocator's own accounting, independent of fms-dyt's
+    meter. (torch.profiler's allocation events miss the frees made on gloo's threads, so their
+    running total only grows.) With MALLOC_MMAP_THRESHOLD_ fixed, every tensor above 64 KiB is a
+    block of its own that leaves the count when it is freed; the count only grows when something
+    is allocated, so an operation whose outputs are views or inputs written in place, or smaller
+    than a block, cannot set a peak that the next sample would not see, bar those few small bytes.
+    mallinfo2 walks every arena's free lists, so a sample is not free: sampling after every
+    operation made the accumulation run take minutes on a loaded machine."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class MallocPeak(TorchDispatchMode):
+        samples = 0
+
         def __enter__(self):
             self.baseline = self.peak = _malloc_in_use()
             return super().__enter__()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, _malloc_in_use())
+            if func.namespace == "c10d" or _allocates(out, args):
+                self.samples += 1
+                self.peak = max(self.peak, _malloc_in_use())
             return out
 
     return MallocPeak()
+
+
+def _allocates(out, args) -> bool:
+    """Whether ``out`` holds a storage of at least :data:`_SAMPLED_BYTES` that none of ``args`` holds."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+            and t.untyped_storage().nbytes() >= _SAMPLED_BYTES]
+    if not outs:
+        return False
+    inputs = {t.untyped_storage()._cdata for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+    return any(t.untyped_storage()._cdata not in inputs for t in outs)
 
 
 if __name__ == "__main__":
