@@ -100,7 +100,9 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, poison: torch.Ten
     """Scale ``grads`` in place to a total 2-norm of at most ``max_norm``; returns the norm before
     clipping, the same on every rank, from ONE all-reduce of one number per rank (each rank's
     shards' sum of squares). ``poison`` (a device bool) makes the norm NaN on every rank: how a
-    non-finite loss on one rank reaches the others without a collective of its own."""
+    non-finite loss on one rank reaches the others without a collective of its own. (With HSDP
+    replicas it reaches its own replica's ranks; the NaN gradients such a loss brings reach the
+    others through FSDP's all-reduce across replicas.)"""
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local)))
     if poison is not None:

@@ -95,6 +95,9 @@ def test_non_log_steps_read_nothing_and_log_steps_add_one_collective(tmp_path):
             if step % LOG:  # not a log step
                 assert counted["host_reads"] == 0, (rank, step, counted)
                 assert extra == [], (rank, step, counted)
+                # the grad norm's reduction (issued inside DTensor, seen by the audit) and the agreement
+                once = {(kind, group) for kind, group, n in counted["collectives"] if n == 1}
+                assert {("allreduce", list(groups.values())[-1]), ("allreduce", HOST_GROUP)} <= once, counted
                 continue
             # the log step's gather; validation's all-reduce of its sums when it is due
             allowed = [("gather", HOST_GROUP, 1)]
