@@ -175,9 +175,9 @@ class Checkpointer:
         Rank 0 alone lists the checkpoints and checks the newest (:func:`inspect_checkpoint`: its
         JSON files, DCP's index, a ``stat`` per shard) and broadcasts its choice with the meta it
         read; every rank then loads that one with DCP. At 1,024 ranks that is one reader of the
-        index instead of 1,024, and one ``stat`` per shard instead of 1,024 (a million). A
-        checkpoint that fails to load on any rank is skipped by all, and rank 0 chooses again
-        among the older ones."""
+        JSON files and the index instead of 1,024, and one ``stat`` per shard file instead of two
+        on every rank (about 2 million). A checkpoint that fails to load on any rank is skipped by
+        all, and rank 0 chooses again among the older ones."""
         skipped: list[tuple[Path, str]] = []
         older_than = None  # step numbers at or above this one were tried
         while True:

@@ -79,3 +79,29 @@ def test_rng_state_round_trips_and_old_checkpoints_still_load():
     assert torch.equal(torch.rand(4), expected)
     checkpoint._set_rng_state(saved["cpu"])  # written before checkpoints held a dict of states
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_dcp_saves_and_loads_on_its_own_gloo_group_made_once(tmp_path, one_rank, monkeypatch):
+    """checkpoint.async_save runs DCP's collectives in a background thread: on a gloo group of
+    their own (description "checkpoint"), made once, not the default group of the step."""
+    from fms_dyt.audit import StepAudit
+
+    cfg = load_config(["checkpoint.async_save=true"])
+    ckpt = Checkpointer(str(tmp_path / "run"), cfg, rank=0, world_size=1)
+    assert ckpt.group.group_desc == "checkpoint" and torch.distributed.get_backend(ckpt.group) == "gloo"
+    assert Checkpointer(str(tmp_path / "run"), cfg, rank=0, world_size=1).group is ckpt.group  # made once
+    groups = []
+    for name in ("save", "async_save", "load"):
+        real = getattr(checkpoint.dcp, name)
+        monkeypatch.setattr(checkpoint.dcp, name, lambda *a, real=real, name=name, **k: groups.append(
+            (name, k.get("process_group"))) or real(*a, **k))
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt.save(1, 8, model, optimizer, {"i": 1})
+    ckpt.wait()
+    with StepAudit() as audit:
+        path = ckpt.save(2, 16, model, optimizer, {"i": 2}, blocking=True)
+    dcp_groups = {group for (kind, group) in audit.collectives if kind in ("gather", "scatter", "broadcast")}
+    assert dcp_groups == {"checkpoint"}, audit.collectives  # DCP's plan and result exchanges
+    ckpt.load(path, model, optimizer)
+    assert groups == [("async_save", ckpt.group), ("save", ckpt.group), ("load", ckpt.group)]
