@@ -1,11 +1,12 @@
 """DyT against RMSNorm, one layer, forward + backward: the paper's Table 7 comparison and more.
 
-Our default DyT layer (``fms_dyt.norms.DyT``, ``fms_dyt.ops.dyt``, eager) against (1) transformers' own
-``LlamaRMSNorm`` run eagerly, as the paper compared, and (2) the fastest RMSNorm this machine
-offers: ``LlamaRMSNorm`` under ``torch.compile`` or ``torch.nn.functional.rms_norm``. Every
-candidate gets the same input and the same output gradient; parameter gradients are computed too.
-The other ways of computing DyT are timed alongside (recorded, not ratios): our layer compiled
-(what ``parallel.compile=true`` runs) and the plain formula eager and compiled.
+Our default DyT layer (``fms_dyt.norms.DyT``, ``fms_dyt.ops.dyt``) eager against transformers' own
+``LlamaRMSNorm`` run eagerly, as the paper compared; and our layer in the faster of its two forms,
+eager or under ``torch.compile`` (what ``parallel.compile=true`` runs), against the fastest
+RMSNorm this machine offers: ``LlamaRMSNorm`` under ``torch.compile`` or
+``torch.nn.functional.rms_norm``. Every candidate gets the same input and the same output
+gradient; parameter gradients are computed too. The plain formula, eager and compiled, is timed
+alongside (recorded, not a ratio).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def compare(tokens: int, dim: int, dtype: torch.dtype, repeats: int, compile_bac
     dy = torch.randn(tokens, dim, generator=g).to(dtype)
     layers = {
         "dyt": DyT(dim, alpha0=0.5),
-        "dyt_compiled": torch.compile(DyT(dim, alpha0=0.5), backend=compile_backend),
+        "dyt_compiled": torch.compile(DyT(dim, alpha0=0.5), backend=compile_backend, fullgraph=True),
         "rms_eager": LlamaRMSNorm(dim, eps=1e-5),
         "rms_compiled": torch.compile(LlamaRMSNorm(dim, eps=1e-5), backend=compile_backend),
         "rms_functional": _FunctionalRMSNorm(dim, eps=1e-5),
@@ -64,9 +65,11 @@ def compare(tokens: int, dim: int, dtype: torch.dtype, repeats: int, compile_bac
     cases = {name: _fwd_bwd(layer.to(dtype), x0, dy) for name, layer in layers.items()}
     times = interleaved(cases, repeats, warmup=2)
     best = min(("rms_compiled", "rms_functional"), key=lambda name: median(times[name]))
+    ours = min(("dyt", "dyt_compiled"), key=lambda name: median(times[name]))
     return {
         "over_eager": ratio(times, "dyt", "rms_eager"),
-        "over_best": ratio(times, "dyt", best),
+        "over_best": ratio(times, ours, best),
+        "best_dyt": ours,
         "best_rmsnorm": best,
         "median_ms": medians_ms(times),
     }
@@ -81,10 +84,10 @@ def measure(quick: bool = False) -> tuple[dict, dict]:
         r = compare(tokens, dim, dtype, repeats, backend)
         results[f"dyt_over_rms_eager_fwdbwd{suffix}"] = r["over_eager"]
         results[f"dyt_over_rms_best_fwdbwd{suffix}"] = r["over_best"]
-        details[f"layers{suffix or '_bf16'}"] = {"best_rmsnorm": r["best_rmsnorm"], "median_ms": r["median_ms"]}
+        details[f"layers{suffix or '_bf16'}"] = {k: r[k] for k in ("best_dyt", "best_rmsnorm", "median_ms")}
     if not quick:  # the other end of the paper's token range
         r = compare(tokens // 2, dim, torch.bfloat16, repeats, backend)
         results["dyt_over_rms_eager_fwdbwd_2048"] = r["over_eager"]
         results["dyt_over_rms_best_fwdbwd_2048"] = r["over_best"]
-        details["layers_bf16_2048"] = {"best_rmsnorm": r["best_rmsnorm"], "median_ms": r["median_ms"]}
+        details["layers_bf16_2048"] = {k: r[k] for k in ("best_dyt", "best_rmsnorm", "median_ms")}
     return results, details

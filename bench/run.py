@@ -32,9 +32,12 @@ from harness import machine, median  # noqa: E402
 TARGETS = {
     "dyt_over_rms_eager_fwdbwd": "<= 0.6",
     "dyt_over_rms_best_fwdbwd": "<= 1.0",
+    "dyt_over_rms_eager_fwdbwd_fp32": "<= 1.0",
+    "dyt_over_rms_best_fwdbwd_fp32": "<= 1.0",
     "fms_over_hf_step_eager": "<= 1.0",
     "fms_over_hf_step_compiled": "<= 0.8",
     "dyt_over_rms_step": "<= 1.0",
+    "dyt_over_rms_step_compiled": "<= 1.0",
     "data_over_tokenizer": ">= 0.8",
     "ckpt_save_over_dd": ">= 0.5",
 }

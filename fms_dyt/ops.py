@@ -1,16 +1,20 @@
 """DyT: y = weight · tanh(α·x) (+ bias) over the last dimension, as one autograd function in plain
 PyTorch.
 
-The arithmetic is autograd's on the plain formula (the paper's implementation), op by op in the
-dtype PyTorch's type promotion gives, but autograd keeps tanh(α·x) alive for backward beside x,
-where this keeps only x: tanh is recomputed, which is cheaper than storing it. The output takes
-x's dtype and each gradient its parameter's dtype, so FSDP2 mixed precision (x bf16, α and
-weight bf16 or fp32) works unchanged; with fp32 parameters the arithmetic is fp32.
+Eager, the arithmetic is autograd's on the plain formula (the paper's implementation), op by op
+in the dtype PyTorch's type promotion gives, bit for bit, but autograd keeps tanh(α·x) alive for
+backward beside x, where this keeps only x: tanh is recomputed, which is cheaper than storing it
+(and keeps DyT's activations at one tensor of x's size). On plain tensors the ops write into the
+op's own temporaries: one buffer of x's size in forward and two in backward, where the plain
+formula allocates three and seven. The output takes x's dtype and each gradient its parameter's
+dtype, so FSDP2 mixed precision (x bf16, α and weight bf16 or fp32) works unchanged; with fp32
+parameters the arithmetic is fp32.
 
 The function reads no values on the host, so it runs unchanged on the meta device, on fake
-tensors, on DTensors and under ``torch.compile`` (dynamo traces it without a graph break and
-inductor fuses each direction into one kernel, keeping the intermediates in fp32). Nothing here
-compiles or loads native code: ``fms_dyt.export`` copies this file into exported model directories.
+tensors, on DTensors and under ``torch.compile`` (dynamo traces it without a graph break; under
+compilation the backward is written so that inductor keeps no intermediate of x's size, see
+``_backward_compiled``; inductor computes in fp32). Nothing here compiles or loads native code:
+``fms_dyt.export`` copies this file into exported model directories.
 """
 
 from __future__ import annotations
@@ -31,30 +35,107 @@ def _one_dim(alpha: torch.Tensor) -> torch.Tensor:
     return alpha.reshape(1)
 
 
+def _reuse_buffers(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the op may write into its own temporaries: plain tensors, outside ``torch.compile``."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _fits(buffer: Optional[torch.Tensor], shape, dtype) -> bool:
+    return buffer is not None and buffer.shape == shape and buffer.dtype == dtype
+
+
 class _DyTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias):
         ctx.save_for_backward(x, alpha, weight)
         ctx.has_bias = bias is not None
-        y = weight * torch.tanh(_one_dim(alpha) * x)
-        return (y if bias is None else y + bias).to(x.dtype)
+        a = _one_dim(alpha)
+        if not _reuse_buffers(x, alpha, weight, bias):
+            y = weight * torch.tanh(a * x)
+            return (y if bias is None else y + bias).to(x.dtype)
+        # The plain formula's ops, written into one buffer (each fresh buffer of x's size costs
+        # page faults on a CPU): the same values as the out-of-place ops.
+        y = torch.mul(a, x).tanh_()
+        y = y.mul_(weight) if _fits(y, torch.broadcast_shapes(y.shape, weight.shape), torch.result_type(y, weight)) else weight * y
+        if bias is not None:
+            y = y.add_(bias) if _fits(y, torch.broadcast_shapes(y.shape, bias.shape), torch.result_type(y, bias)) else y + bias
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, alpha, weight = ctx.saved_tensors
-        need_x, need_alpha, need_weight, need_bias = ctx.needs_input_grad
-        a = _one_dim(alpha)
-        lead = tuple(range(x.dim() - 1))
-        t = torch.tanh(a * x)  # recomputed: cheaper than keeping it from the forward
-        grad_weight = (grad_y * t).sum(lead).to(weight.dtype) if need_weight else None
-        if ctx.has_bias and need_bias:  # summed in the bias's dtype when wider, as autograd would
-            grad_bias = grad_y.sum(lead, dtype=torch.promote_types(grad_y.dtype, weight.dtype)).to(weight.dtype)
+        need = ctx.needs_input_grad
+        if torch.compiler.is_compiling():
+            grads = _backward_compiled(x, alpha, weight, grad_y, ctx.has_bias, need)
         else:
-            grad_bias = None
-        h = torch.ops.aten.tanh_backward(grad_y * weight, t)  # dy · w · (1 − tanh²)
-        grad_alpha = (h * x).sum().reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
-        grad_x = (h * a).to(x.dtype) if need_x else None
+            grads = _backward_eager(x, alpha, weight, grad_y, ctx.has_bias, need)
+        return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _backward_eager(x, alpha, weight, grad_y, has_bias, need):
+    """Autograd's arithmetic on the plain formula, op by op (the same values, bit for bit); on plain
+    tensors in two buffers of x's size instead of seven."""
+    reuse = _reuse_buffers(x, alpha, weight, grad_y)
+    a = _one_dim(alpha)
+    rows = tuple(range(x.dim() - 1))
+    t = torch.mul(a, x)  # tanh(α·x), recomputed: cheaper than keeping it from the forward
+    t = t.tanh_() if reuse else torch.tanh(t)
+    grad_x = grad_alpha = grad_weight = grad_bias = spare = None
+    if need[2]:
+        spare = grad_y * t
+        grad_weight = spare.sum(rows).to(weight.dtype)
+    if has_bias and need[3]:
+        grad_bias = _grad_bias(grad_y, weight, rows)
+    if not (need[0] or need[1]):
         return grad_x, grad_alpha, grad_weight, grad_bias
+    shape = torch.broadcast_shapes(grad_y.shape, weight.shape)
+    if reuse and _fits(spare, shape, torch.result_type(grad_y, weight)):
+        h = torch.mul(grad_y, weight, out=spare)
+    else:
+        h = grad_y * weight
+    if reuse and _fits(h, torch.broadcast_shapes(h.shape, t.shape), torch.result_type(h, t)):
+        h = torch.ops.aten.tanh_backward.grad_input(h, t, grad_input=h)  # dy · γ · (1 − t²)
+    else:
+        h = torch.ops.aten.tanh_backward(h, t)
+    if need[1]:
+        if reuse and _fits(t, torch.broadcast_shapes(h.shape, x.shape), torch.result_type(h, x)):
+            hx = torch.mul(h, x, out=t)
+        else:
+            hx = h * x
+        grad_alpha = hx.sum().reshape(alpha.shape).to(alpha.dtype)
+    if need[0]:
+        if reuse and _fits(h, h.shape, torch.result_type(h, a)):
+            grad_x = h.mul_(a).to(x.dtype)
+        else:
+            grad_x = (h * a).to(x.dtype)
+    return grad_x, grad_alpha, grad_weight, grad_bias
+
+
+def _backward_compiled(x, alpha, weight, grad_y, has_bias, need):
+    """The backward as inductor fuses it best: no intermediate of x's size, x and dy read twice.
+
+    Inductor's CPU code generator fuses an elementwise loop over [rows, width] with a reduction
+    over the width or over everything, never with a sum over the rows (a loop nest of another
+    order), and it stores a reused tanh as a buffer. So dx = dy·γ·α·(1 − t²) and
+    dα = Σ dy·γ·(1 − t²)·x are one row-parallel loop, dγ = Σ_rows dy·t a column-parallel loop, and
+    each loop computes t = tanh(α·x) itself (three spellings of the same value, which common-
+    subexpression elimination does not merge): two reads of x and dy and one write of dx, like
+    compiled RMSNorm's backward, where storing t costs a write and a read of x's size.
+    """
+    a = _one_dim(alpha)
+    rows = tuple(range(x.dim() - 1))
+    grad_x = (torch.ops.aten.tanh_backward(grad_y * weight, torch.tanh(a * x)) * a).to(x.dtype)
+    h = torch.ops.aten.tanh_backward(weight * grad_y, torch.tanh(x * a))
+    grad_alpha = (h * x).sum().reshape(alpha.shape).to(alpha.dtype)
+    t = -torch.tanh(x * -a)  # tanh is odd: the same value
+    grad_weight = (grad_y * t).sum(rows).to(weight.dtype)
+    grad_bias = _grad_bias(grad_y, weight, rows) if has_bias and need[3] else None
+    return grad_x, grad_alpha, grad_weight, grad_bias
+
+
+def _grad_bias(grad_y, weight, rows):
+    # Summed in the bias's dtype when wider, as autograd would.
+    return grad_y.sum(rows, dtype=torch.promote_types(grad_y.dtype, weight.dtype)).to(weight.dtype)
 
 
 def dyt(

@@ -4,6 +4,8 @@ wherever a tensor can be (meta, fake, compiled, DTensor)."""
 from __future__ import annotations
 
 import ast
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -190,6 +192,38 @@ def test_traced_by_torch_compile_without_graph_breaks():
     assert torch.allclose(y_eager, y_comp)
     for a, b in zip(g_eager, g_comp):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _inductor_code(fn, *inputs):
+    """The Python wrappers inductor writes for ``fn``'s forward and backward (CPU), generated
+    without compiling or running any kernel."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import get_code
+
+    # Generated afresh: a graph cached by an earlier compilation would be loaded, not generated.
+    with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False), \
+            inductor_config.patch(fx_graph_cache=False):
+        return [c for c in get_code(torch.compile(fn, fullgraph=True), *inputs) if "def call" in c]
+
+
+@pytest.mark.parametrize("dtype,beta,shape", [(torch.bfloat16, False, (48, 64)), (torch.float32, True, (3, 16, 64))])
+def test_inductor_backward_keeps_no_intermediate(dtype, beta, shape):
+    # Compiled (parallel.compile=true), the backward is one C++ kernel of two loop nests that read
+    # x and dy and write dx and the parameter gradients: no buffer of x's size besides dx (storing
+    # tanh(α·x) for the second loop costs a write and a read of that size; it did until 2026-12).
+    from fms_dyt.norms import DyT
+
+    layer = DyT(shape[-1], alpha0=0.5, beta=beta).to(dtype)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    forward, backward = _inductor_code(layer, x)
+    assert "tangents_1" in backward and "tangents_1" not in forward
+    rows = math.prod(shape[:-1])
+    sizes = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", backward)
+    big = [s for s in sizes if math.prod(int(n) for n in s.split(",") if n.strip()) == rows * shape[-1]]
+    assert len(big) == 1, sizes  # dx only
+    assert backward.count("async_compile.cpp_pybinding") == 1  # one kernel
+    assert backward.count("#pragma omp for") == 2, backward  # a row loop (dx, dα) and a column loop (dγ, dβ)
 
 
 def _fsdp_worker(rank, world, port, x, out_path):
