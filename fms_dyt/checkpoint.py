@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fms_dyt.parallel import checkpoint_group, on_rank0
@@ -276,9 +277,7 @@ class Checkpointer:
                 self.pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group), tmp, final, meta)
             else:
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
-        except BaseException as e:  # DCP raises CheckpointException (a BaseException) on every rank
-            if not _is_write_error(e):
-                raise
+        except (Exception, CheckpointException) as e:  # DCP raises on every rank when one rank's write fails
             self._failed(tmp, _describe(e), None)
         if self.pending is None:
             self._finish(tmp, final, meta)
@@ -300,12 +299,16 @@ class Checkpointer:
             free = shutil.disk_usage(root).free
         except OSError:
             free = None
-        no_space = any(w in error for w in ("No space left", "Disk quota exceeded", "ENOSPC", "EDQUOT"))
+        need = getattr(self, "need_bytes", 0)
+        # torch.save's zip writer reports a full disk as "unexpected pos": the free space tells
+        no_space = (any(w in error for w in ("No space left", "Disk quota exceeded", "ENOSPC", "EDQUOT"))
+                    or (free is not None and free < need))
         last = complete_checkpoints(self.root.parent)
         raise CheckpointWriteError(
             f"checkpoint {tmp.with_name(tmp.name.removeprefix('.tmp_'))} could not be written"
-            + (f" (rank {rank})" if rank is not None and self.world > 1 else "") + f": {error}. "
-            f"It needs about {getattr(self, 'need_bytes', 0):,} bytes; {self.root} has "
+            + (f" (rank {rank})" if rank is not None and self.world > 1 else "")
+            + (": out of space" if no_space else "") + f" ({error}). "
+            f"It needs about {need:,} bytes; {self.root} has "
             + (f"{free:,} bytes free" if free is not None else "an unknown number of bytes free")
             + f" now that the partial {tmp.name} is removed. "
             + (f"The newest complete checkpoint, {last[-1]}, is intact. " if last else "No earlier checkpoint exists. ")
@@ -320,9 +323,7 @@ class Checkpointer:
             self.pending = None
             try:
                 future.result()
-            except BaseException as e:
-                if not _is_write_error(e):
-                    raise
+            except (Exception, CheckpointException) as e:
                 self._failed(tmp, _describe(e), None)
             self._finish(tmp, final, meta)
 
@@ -395,14 +396,6 @@ def _describe(error: BaseException | None) -> str | None:
         rank, (exc, _) = next(iter(failures.items()))
         return f"{type(exc).__name__}: {exc} (rank {rank})"
     return f"{type(error).__name__}: {error}"
-
-
-def _is_write_error(error: BaseException) -> bool:
-    """An OSError, or DCP's report of one on some rank."""
-    if isinstance(error, OSError):
-        return True
-    failures = getattr(error, "failures", None)
-    return isinstance(failures, dict) and any(isinstance(exc, OSError) for exc, _ in failures.values())
 
 
 def _state_bytes(state) -> int:

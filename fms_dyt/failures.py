@@ -177,10 +177,13 @@ def diagnose(records: list[dict], torchrun: list[dict], step_rc: int) -> dict:
             return dict(node=r["node"], rank=r["rank"], exit_code=r["exit_code"], signal=None,
                         reason=REASONS[r["exit_code"]], message=r.get("message", ""), exclude=False)
     # A worker killed by a signal: what torchrun saw on its node.
-    killed = [f for f in torchrun if f["signal"]]
+    # torchrun names the host as the machine calls itself, which need not be Slurm's node name: the
+    # rank's own record (written when it started) says which node it ran on
+    node_of = {r.get("rank"): r.get("node") for r in records}
+    killed = [f for f in torchrun if f["signal"] and f["signal"] != "SIGTERM"]  # SIGTERM: the step's teardown
     if killed:
         f = killed[0]
-        return dict(node=f["node"], rank=f["rank"], exit_code=f["exit_code"], signal=f["signal"], reason="killed",
+        return dict(node=node_of.get(f["rank"]) or f["node"], rank=f["rank"], exit_code=f["exit_code"], signal=f["signal"], reason="killed",
                     message=f"rank {f['rank']} was killed by {f['signal']}", exclude=True)
     # A rank that never said how it ended: killed with its node, or never got as far as exiting.
     silent = [r for r in records if r.get("status") == "running"]
