@@ -41,9 +41,9 @@ REASONS = {EXIT_ERROR: "error", EXIT_CONFIG: "config", EXIT_DIVERGED: "diverged"
            EXIT_PREFLIGHT: "preflight", EXIT_NO_SPACE: "no_space"}
 DEFAULT_MAX_FAILURES = 3
 RECORD = "failures.jsonl"
-# A watchdog report later than this past its own bound: that rank's threads could not run (stopped,
-# or its main thread held the interpreter); it, not the ranks waiting for it, is the hung one.
-LATE_REPORT_S = 10.0
+# A watchdog thread that could not run for longer than this (its ``stalled_s``): that rank was
+# stopped, or its main thread held the interpreter; it, not the ranks waiting for it, is the hung one.
+STALLED_S = 10.0
 
 
 def node_name() -> str:
@@ -199,12 +199,14 @@ def diagnose(records: list[dict], torchrun: list[dict], step_rc: int) -> dict:
                     reason="preflight", message=r.get("message", ""), exclude=True)
     hung = sorted((r for r in ended if r.get("exit_code") == EXIT_HUNG), key=lambda r: r["time"])
     if hung:
-        late = [r for r in hung if r.get("late_s", 0) > LATE_REPORT_S]
+        late = sorted((r for r in hung if r.get("stalled_s", 0) > STALLED_S), key=lambda r: -r["stalled_s"])
         blamed = late[0] if late else hung[0]
         message = blamed.get("message", "")
         if late:
-            message = (f"rank {blamed['rank']} on {blamed['node']} could not run its own watchdog until "
-                       f"{blamed['late_s']:.0f} s past the bound (stopped, or stuck holding the interpreter); {message}")
+            message = (f"rank {blamed['rank']} on {blamed['node']} could not even run its watchdog for "
+                       f"{blamed['stalled_s']:.0f} s (stopped, or stuck holding the interpreter); {message}")
+        else:
+            message += "; every rank's watchdog ran, so no node is to blame alone (see the stacks)"
         return dict(node=blamed["node"], rank=blamed["rank"], exit_code=EXIT_HUNG, signal=None, reason="hang",
                     message=message, exclude=bool(late))
     if ended:
@@ -289,8 +291,8 @@ def decide(run_dir: Path, job_id: str, restart: str, step_rc: int, log_text: str
             say(f"configuration error: {failure['message']}")
         return failure["exit_code"] if isinstance(failure["exit_code"], int) and failure["exit_code"] > 0 else 1
     step = record["step"]
-    say(f"requeueing job {job_id} (failure {number} of at most {max_failures + 1}, FMS_DYT_MAX_FAILURES="
-        f"{max_failures}) to resume from " + (f"step {step}" if step is not None else "the start")
+    say(f"requeueing job {job_id} (failure {number} of this run; FMS_DYT_MAX_FAILURES={max_failures} are "
+        f"requeued) to resume from " + (f"step {step}" if step is not None else "the start")
         + (f", without node {failure['node']} (ExcNodeList={','.join(excluded)})" if excluded else ""))
     # The requeue ends this batch script within KillWait: slurm/launch.sh ignores SIGTERM from here on.
     # The list of excluded nodes can only change once the job is pending again.
