@@ -92,7 +92,7 @@ def note_exit(run_dir: str | Path, code: int, error: BaseException | None = None
     soon as it ran again): its stacks are dumped and it is recorded as hung."""
     from fms_dyt import watchdog
 
-    dog = watchdog.current
+    dog, watchdog.current = watchdog.current, None
     if dog is not None:
         dog.stop()
         if error is not None and dog.overdue():

@@ -36,6 +36,7 @@ from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 from fms_dyt.validation import build_validation
 from fms_dyt.telemetry import Telemetry
+from fms_dyt import watchdog
 from fms_dyt.watchdog import Watchdog
 
 log = logging.getLogger("fms_dyt")
@@ -184,12 +185,15 @@ def build_model(cfg, d: Dist, mesh) -> Transformer:
 
 def train(cfg, data=None) -> int:
     """Train to ``train.max_steps``; ``data`` replaces the configured loader (same interface)."""
+    watchdog.current = None  # an earlier train()'s in this process (tests) is not this run's
     validate(cfg)
     stop = StopRequest()  # from here on a signal ends the run after a step and a checkpoint
     try:
         return _train(cfg, data, stop)
     finally:
         stop.restore()
+        if watchdog.current is not None:  # a failed run's: its thread must not outlive train()
+            watchdog.current.stop()
 
 
 def _train(cfg, data, stop: StopRequest) -> int:
@@ -197,7 +201,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
     failures.note_start(cfg.run_dir, d.rank)  # under slurm/launch.sh: this rank's account of the attempt
     if cfg.preflight.enabled:
         preflight(d, cfg.preflight.timeout_s, cfg.parallel.init_timeout_s, failures.attempt_id())
-    watchdog = Watchdog.for_run(cfg, cfg.run_dir, d.rank)  # None: watchdog.enabled=false
+    dog = Watchdog.for_run(cfg, cfg.run_dir, d.rank)  # None: watchdog.enabled=false
     total_steps, accum = schedule(cfg, d.world_size)
     run_dir = Path(cfg.run_dir)
     if data is None:
@@ -297,8 +301,8 @@ def _train(cfg, data, stop: StopRequest) -> int:
                       flush=True)
 
         stopping = stop.agreed(host)  # the previous step's flags: every rank stops after the same step
-        if watchdog is not None:
-            watchdog.step_done(step)
+        if dog is not None:
+            dog.step_done(step)
         if step % cfg.checkpoint.interval == 0 or step == total_steps or stopping:
             where = ckpt.save(step, tokens_seen, model, optimizer, data.state_dict(), blocking=bool(stopping))
             if d.is_main:
@@ -310,15 +314,15 @@ def _train(cfg, data, stop: StopRequest) -> int:
             if d.is_main:
                 log.info("stopped by %s after step %d; exit %d: run the same command to resume",
                          stop.signum or "a signal to another rank", step, code)
-            if watchdog is not None:
-                watchdog.stop()
+            if dog is not None:
+                dog.stop()
             dist.destroy_process_group()
             return code
 
     stop.settle()
     ckpt.wait()
-    if watchdog is not None:
-        watchdog.stop()
+    if dog is not None:
+        dog.stop()
     wandb_dir = metrics.finish()
     if d.is_main:
         last = complete_checkpoints(run_dir)[-1]

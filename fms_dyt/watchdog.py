@@ -84,18 +84,18 @@ class Watchdog:
         return max(self.step_factor * median, self.min_s)
 
     def stop(self) -> None:
-        global current
+        """End the thread (``current`` stays, for ``fms_dyt.failures.note_exit``)."""
         self._stop.set()
-        if current is self:
-            current = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
+            if self._stop.is_set():
+                return
             now = time.monotonic()
             self.stalled_s = max(self.stalled_s, now - self.last_poll - self.poll_s)
             self.last_poll = now
             waited = now - self.last
-            if waited > self.bound():
+            if waited > self.bound() and not self._stop.is_set():
                 self.fire(f"no step finished for {waited:.0f} s (bound {self.bound():.0f} s: watchdog.*)")
 
     def overdue(self) -> bool:
