@@ -103,11 +103,12 @@ class CheckpointConfig:
 @dataclass
 class WatchdogConfig:
     # fms_dyt/watchdog.py: a rank that finishes no loop iteration for max(step_factor x the median
-    # step time, min_s) seconds (startup_s before the first step; null: parallel.init_timeout_s)
-    # dumps its stacks to the run directory and exits 4 (docs/slurm.md, "When things fail")
+    # step time, min_s) seconds (startup_s before the first step and while saving a checkpoint;
+    # null: parallel.init_timeout_s) dumps its stacks to the run directory and exits 4
+    # (docs/slurm.md, "When things fail"); min_s stays below parallel.timeout_s
     enabled: bool = True
     step_factor: float = 20.0
-    min_s: float = 600.0
+    min_s: float = 240.0
     startup_s: Optional[float] = None
 
 

@@ -304,6 +304,8 @@ def _train(cfg, data, stop: StopRequest) -> int:
         if dog is not None:
             dog.step_done(step)
         if step % cfg.checkpoint.interval == 0 or step == total_steps or stopping:
+            if dog is not None:
+                dog.saving()
             where = ckpt.save(step, tokens_seen, model, optimizer, data.state_dict(), blocking=bool(stopping))
             if d.is_main:
                 log.info("checkpoint saved: %s", where)

@@ -2,11 +2,12 @@
 Python stack to the run directory and exits 4, so that a hung job ends (and ``slurm/launch.sh``
 requeues it) in minutes instead of at its time limit.
 
-The bound (``watchdog.*`` in the config): until the first step of this start has finished,
-``watchdog.startup_s`` (null: ``parallel.init_timeout_s``: rendezvous, loading, compiling); after
-it, ``max(watchdog.step_factor x the median step time, watchdog.min_s)``. ``min_s`` covers the
-iterations that legitimately take longer than a step: a blocking checkpoint save, validation,
-telemetry. The process group's own timeout (``parallel.timeout_s``) ends a collective that waits
+The bound (``watchdog.*`` in the config): until the first step of this start has finished, and
+in an iteration that saves a checkpoint, ``watchdog.startup_s`` (null: ``parallel.init_timeout_s``:
+rendezvous, loading, compiling, writing); otherwise ``max(watchdog.step_factor x the median step
+time, watchdog.min_s)``. ``min_s`` covers the other iterations that take longer than a step
+(validation, telemetry); its default, 240 s, is below ``parallel.timeout_s``'s 300 s so that the
+stacks are dumped before a collective's timeout ends the process (NCCL aborts it). The process group's own timeout (``parallel.timeout_s``) ends a collective that waits
 too long; the watchdog also catches what no collective sees: a rank stuck on I/O or in a deadlock
 of its own, and a process stopped outright.
 
@@ -52,6 +53,7 @@ class Watchdog:
         self.last = time.monotonic()
         self.steps = 0
         self.step = None  # the trainer's step number, for the report
+        self.slow = False  # this iteration saves a checkpoint: the start-up bound applies
         self.poll_s = max(0.2, min(5.0, min(min_s, startup_s) / 10))
         self.last_poll = self.last
         self.stalled_s = 0.0  # the longest time this thread could not run
@@ -74,11 +76,16 @@ class Watchdog:
         now = time.monotonic()
         if self.steps:  # the first iteration of a start includes loading and compiling
             self.times.append(now - self.last)
-        self.last, self.step = now, step
+        self.last, self.step, self.slow = now, step, False
         self.steps += 1
 
+    def saving(self) -> None:
+        """This iteration writes a checkpoint, which may take longer than ``min_s`` on a slow file
+        system: until the next ``step_done`` the bound is ``startup_s``."""
+        self.slow = True
+
     def bound(self) -> float:
-        if not self.steps:
+        if not self.steps or self.slow:
             return self.startup_s
         median = statistics.median(self.times) if self.times else 0.0
         return max(self.step_factor * median, self.min_s)

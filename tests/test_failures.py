@@ -3,10 +3,18 @@ own records and torchrun's report, and when the launcher must not retry. tests/t
 the same decisions on a real Slurm."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from fms_dyt import failures
 from fms_dyt.failures import diagnose, torchrun_failures
 
+REPO = Path(__file__).resolve().parents[1]
 # torchrun's ChildFailedError summary as slurm/launch.sh's job log holds it (torch 2.x)
 TORCHRUN_SIGKILL = """
 [rank0]: RuntimeError: Connection closed by peer [127.0.0.1]:41000
@@ -80,3 +88,40 @@ def test_failures_are_counted_in_the_run_directory(tmp_path):
     (tmp_path / "checkpoints" / "step_6").mkdir()
     (tmp_path / "checkpoints" / "step_4" / "meta.json").write_text("{}")
     assert failures.newest_checkpoint_step(tmp_path) == 4  # step_6 is not complete
+
+
+def test_the_watchdog_dumps_every_thread_and_exits_4_when_no_step_finishes(tmp_path):
+    script = f"""
+import threading, time
+from fms_dyt.watchdog import Watchdog
+dog = Watchdog({str(tmp_path)!r}, rank=3, step_factor=5, min_s=1.5, startup_s=30)
+dog._thread.start()
+for step in range(1, 6):
+    time.sleep(0.05)
+    dog.step_done(step)
+threading.Event().wait()  # the main thread hangs after step 5
+"""
+    env = dict(os.environ, FMS_DYT_ATTEMPT="77.0", PYTHONPATH=str(REPO))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == failures.EXIT_HUNG, done.stderr
+    assert 1.5 < time.monotonic() - start < 20
+    stacks = (tmp_path / "failures" / "77.0" / "stacks_rank_3.txt").read_text()
+    assert "rank 3" in stacks and "hung after step 5" in stacks
+    assert 'File "<string>", line 9' in stacks, stacks  # where the main thread waits
+    record = json.loads((tmp_path / "failures" / "77.0" / "rank_3.json").read_text())
+    assert record["exit_code"] == 4 and record["reason"] == "hang" and record["step"] == 5
+
+
+def test_preflight_names_the_node_whose_device_fails(monkeypatch):
+    import torch
+
+    from fms_dyt import preflight
+    from fms_dyt.parallel import Dist
+
+    monkeypatch.setenv("SLURMD_NODENAME", "node7")
+    monkeypatch.setattr(preflight, "device_problem", lambda *a: "sees 7 GPU(s) for 8 rank(s) on the node")
+    d = Dist(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    with pytest.raises(preflight.PreflightError, match="node7.*sees 7 GPU") as e:
+        preflight.preflight(d, 10, 60, "1.0")
+    assert e.value.bad_node == "node7" and e.value.exit_code == failures.EXIT_PREFLIGHT
