@@ -193,12 +193,22 @@ def test_sbatch_accepts_all_eight_scripts(slurm):
         assert proc.returncode == 0 and "to start at" in proc.stderr, (run, proc.stderr)
 
 
-def test_two_node_job_completes(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = TINY + ["train.max_steps=6", "checkpoint.interval=2",
-                        "logging.wandb.mode=disabled", f"run_dir={run_dir}"]
-    job_id, log = submit(tmp_path, overrides)
+# Six steps with a checkpoint every two: the uninterrupted run, and the runs that fail (issue 22).
+RUN = TINY + ["train.max_steps=6", "checkpoint.interval=2", "logging.wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory):
+    """``(job id, log, run_dir, fields)`` of RUN on both nodes, not interrupted; shared: the
+    failure tests compare their losses with its."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    job_id, log = submit(tmp, RUN + [f"run_dir={tmp / 'run'}"])
     fields = wait_for(lambda: finished(job_id), "the job to finish", 240, job_id, log)
+    return job_id, log, tmp / "run", fields
+
+
+def test_two_node_job_completes(uninterrupted):
+    job_id, log, run_dir, fields = uninterrupted
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", text[-6000:]
     # one torchrun per emulated node, both in the same rendezvous
@@ -277,10 +287,7 @@ def test_alpha0_sweep_runs_on_slurm(slurm, tmp_path):
 # run; a stopped trainer is found by the watchdog, every rank's stacks are in the run directory and
 # the requeued job finishes; a configuration error fails once; FMS_DYT_MAX_FAILURES ends the retries.
 
-STEPS = 8
-# every test's job: the same run, so that their losses can be compared with one reference
-RUN = TINY + [f"train.max_steps={STEPS}", "checkpoint.interval=2", "logging.wandb.mode=disabled",
-              "parallel.init_timeout_s=120", "preflight.timeout_s=60"]
+STEPS = 6  # RUN's
 FAILURES_RECORD = "failures.jsonl"  # fms_dyt.failures.RECORD
 
 
@@ -324,14 +331,12 @@ def records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(slurm, tmp_path_factory):
+def reference(uninterrupted):
     """Losses of the uninterrupted run, on the same two nodes."""
-    tmp = tmp_path_factory.mktemp("reference")
-    job_id, log = submit(tmp, RUN + [f"run_dir={tmp / 'run'}"])
-    fields = wait_for(lambda: finished(job_id), "the reference job", 300, job_id, log)
+    job_id, log, run_dir, fields = uninterrupted
     assert fields["JobState"] == "COMPLETED", log.read_text()[-6000:]
-    assert sorted(losses(tmp / "run")) == list(range(1, STEPS + 1))
-    return losses(tmp / "run")
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    return losses(run_dir)
 
 
 def test_sigkill_on_the_second_node_requeues_resumes_and_matches(slurm, reference, tmp_path, monkeypatch):
@@ -362,7 +367,9 @@ def test_sigkill_on_the_second_node_requeues_resumes_and_matches(slurm, referenc
 def test_sigstop_is_found_by_the_watchdog_and_every_rank_dumps_its_stacks(slurm, tmp_path):
     run_dir = tmp_path / "run"
     bound = 20  # seconds without a step; the process group's own timeout is longer
-    job_id, log = submit(tmp_path, RUN + [f"run_dir={run_dir}", f"watchdog.min_s={bound}", "parallel.timeout_s=100"])
+    # no checkpoint before the end: the stop never lands in a save, whose bound is watchdog.startup_s
+    job_id, log = submit(tmp_path, RUN + [f"run_dir={run_dir}", f"watchdog.min_s={bound}", "parallel.timeout_s=100",
+                                          "checkpoint.interval=100"])
     wait_for(lambda: 3 in losses(run_dir), "step 3", 300, job_id, log)
     pid = wait_for(lambda: trainer_pid(job_id, "node2"), "the trainer on node2", 30, job_id, log)
     os.kill(pid, signal.SIGSTOP)
