@@ -94,7 +94,7 @@ def test_rng_state_round_trips_and_old_checkpoints_still_load():
 # ---- a full disk loses nothing (issue 22) -----------------------------------------------------
 
 SMALL_RUN = ["experiment=quickstart", "model.n_layers=2", "train.max_steps=4", "train.seq_len=32",
-             "train.micro_batch_size=2", "train.global_batch_tokens=128", "checkpoint.interval=2",
+             "train.micro_batch_size=2", "train.global_batch_tokens=128", "checkpoint.interval=2", "checkpoint.keep=1",
              "logging.wandb.mode=disabled", "validation.interval=null", "logging.telemetry_interval=null"]
 
 
@@ -133,7 +133,8 @@ def test_a_save_that_runs_out_of_space_loses_nothing_and_resumes_after_space_is_
     first = subprocess.run(train + [f"run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 6, first.stdout[-2000:] + first.stderr[-3000:]
     names = sorted(d.name for d in (run_dir / "checkpoints").iterdir())
-    assert names == ["step_2"], names  # no partial directory, the previous checkpoint in place
+    # no partial directory; checkpoint.keep=1 kept the last complete one since no newer one completed
+    assert names == ["step_2"], names
     assert checkpoint.inspect_checkpoint(run_dir / "checkpoints" / "step_2")[0] is None
     error = first.stderr  # one line: "fms-dyt: checkpoint ... could not be written: ..."
     m = re.search(r"checkpoint (\S+) could not be written: out of space .*needs about ([\d,]+) bytes; "
@@ -151,4 +152,5 @@ def test_a_save_that_runs_out_of_space_loses_nothing_and_resumes_after_space_is_
     assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} (step 2," in again.stdout + again.stderr
     after = _losses(run_dir)
     assert after == before  # steps 3 and 4 again, bit for bit the uninterrupted ones
-    assert [d.name for d in checkpoint.complete_checkpoints(run_dir)] == ["step_2", "step_4"]
+    # step_4 complete, step_2 went (checkpoint.keep=1) only then
+    assert sorted(d.name for d in (run_dir / "checkpoints").iterdir()) == ["step_4"]
