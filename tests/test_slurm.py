@@ -427,3 +427,27 @@ def test_max_failures_stops_the_requeues_and_says_why(slurm, tmp_path, monkeypat
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "1", text[-6000:]
     assert [r["action"] for r in records(run_dir)] == ["requeue", "stop"]
     assert "not requeueing job" in text and "this is failure 2 of this run and FMS_DYT_MAX_FAILURES=1" in text, text[-6000:]
+
+
+def test_a_one_node_job_is_requeued_without_the_node_that_failed(slurm, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("FMS_DYT_NPROC_PER_NODE", "1")
+    log = tmp_path / "job.out"
+    # one node of the two: the other is left for the requeued job
+    cmd = SBATCH + ["--nodes=1", f"--output={log}", SCRIPT] + RUN + [f"run_dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    wait_for(lambda: 1 in losses(run_dir), "the first step", 300, job_id, log)
+    first = job_fields(job_id)["NodeList"]
+    pid = wait_for(lambda: trainer_pid(job_id, first), f"the trainer on {first}", 30, job_id, log)
+    os.kill(pid, signal.SIGKILL)
+    requeue_now(job_id, 1, log)
+    assert job_fields(job_id)["ExcNodeList"] == first
+    fields = wait_for(lambda: finished(job_id), "the requeued job to finish", 300, job_id, log)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["NodeList"] not in ("", first), text[-6000:]
+    [record] = records(run_dir)
+    assert record["node"] == first and record["excluded"] == [first], record
+    assert f"without node {first} (ExcNodeList={first})" in text, text[-6000:]
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
