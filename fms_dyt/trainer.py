@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from fms_dyt import failures
+from fms_dyt import failures, watchdog
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
 from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
@@ -36,7 +36,6 @@ from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 from fms_dyt.validation import build_validation
 from fms_dyt.telemetry import Telemetry
-from fms_dyt import watchdog
 from fms_dyt.watchdog import Watchdog
 
 log = logging.getLogger("fms_dyt")
