@@ -102,7 +102,8 @@ def note_exit(run_dir: str | Path, code: int, error: BaseException | None = None
     if _under_launcher():
         rank = int(os.environ.get("RANK", "0"))
         message = (str(error).strip() or type(error).__name__) if error is not None else ""
-        write_rank_record(run_dir, rank, status="exited", exit_code=code, reason=REASONS.get(code, "ok" if code in (0, 75, 130) else "error"),
+        reason = REASONS.get(code, "ok" if code in (0, 75, 130) else "error")
+        write_rank_record(run_dir, rank, status="exited", exit_code=code, reason=reason,
                           message=message[:2000], bad_node=getattr(error, "bad_node", None),
                           bad_rank=getattr(error, "bad_rank", None))
     return code
@@ -183,7 +184,8 @@ def diagnose(records: list[dict], torchrun: list[dict], step_rc: int) -> dict:
     killed = [f for f in torchrun if f["signal"] and f["signal"] != "SIGTERM"]  # SIGTERM: the step's teardown
     if killed:
         f = killed[0]
-        return dict(node=node_of.get(f["rank"]) or f["node"], rank=f["rank"], exit_code=f["exit_code"], signal=f["signal"], reason="killed",
+        return dict(node=node_of.get(f["rank"]) or f["node"], rank=f["rank"], exit_code=f["exit_code"],
+                    signal=f["signal"], reason="killed",
                     message=f"rank {f['rank']} was killed by {f['signal']}", exclude=True)
     # A rank that never said how it ended: killed with its node, or never got as far as exiting.
     silent = [r for r in records if r.get("status") == "running"]

@@ -7,9 +7,9 @@ in an iteration that saves a checkpoint, ``watchdog.startup_s`` (null: ``paralle
 rendezvous, loading, compiling, writing); otherwise ``max(watchdog.step_factor x the median step
 time, watchdog.min_s)``. ``min_s`` covers the other iterations that take longer than a step
 (validation, telemetry); its default, 240 s, is below ``parallel.timeout_s``'s 300 s so that the
-stacks are dumped before a collective's timeout ends the process (NCCL aborts it). The process group's own timeout (``parallel.timeout_s``) ends a collective that waits
-too long; the watchdog also catches what no collective sees: a rank stuck on I/O or in a deadlock
-of its own, and a process stopped outright.
+stacks are dumped before a collective's timeout ends the process (NCCL aborts it). That timeout
+ends a collective that waits too long; the watchdog also catches what no collective sees: a rank
+stuck on I/O or in a deadlock of its own, and a process stopped outright.
 
 "A step finished" is the host's loop iteration. On a GPU the host runs ahead of the device and
 most steps never wait for it, so a step "finishes" on the host before the GPU has run it. A hang
