@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fms_dyt.parallel import checkpoint_group, on_rank0
@@ -56,6 +57,17 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 class CheckpointError(ValueError):
     """No checkpoint can be loaded; the message names each directory and what is wrong with it."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (a full disk, a quota, any write error): its partial directory is gone, the
+    previous checkpoints are as they were; the message names the directory, the bytes needed and
+    the bytes free. ``exit_code`` 6 (``fms_dyt.failures.EXIT_NO_SPACE``) when space ran out: a
+    requeue would fail again, so ``slurm/launch.sh`` does not retry it."""
+
+    def __init__(self, message: str, no_space: bool):
+        super().__init__(message)
+        self.exit_code = 6 if no_space else 1
 
 
 def checkpoint_problem(path: Path, need_data_state: bool = True) -> str | None:
@@ -234,45 +246,107 @@ class Checkpointer:
         return None
 
     def save(self, step: int, tokens_seen: int, model, optimizer, data_state: dict, blocking=False) -> Path:
+        """Write ``step_<step>`` (through ``.tmp_step_<step>``); a write error on any rank raises
+        :class:`CheckpointWriteError` on every rank, with nothing of this save left on disk."""
         self.wait()
         tmp, final = self.root / f".tmp_step_{step}", self.root / f"step_{step}"
+        error = None
         if self.rank == 0:
-            tmp.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+            try:
+                tmp.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                error = e
+        error = self._first_error(error)  # also the barrier before the other ranks write into tmp
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        (tmp / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        self.need_bytes = _state_bytes(state) * self.world
+        if error is None:
+            try:
+                (tmp / "rng").mkdir(parents=True, exist_ok=True)
+                torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+            except OSError as e:
+                error = e
         states = [None] * self.world
-        dist.all_gather_object(states, data_state)
-        meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world, "data_state": states}
-        if self.cfg.checkpoint.async_save and not blocking:
-            self.pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group), tmp, final, meta)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
+        dist.all_gather_object(states, (data_state, _describe(error)))
+        failed = [(r, e) for r, (_, e) in enumerate(states) if e is not None]
+        if failed:
+            self._failed(tmp, failed[0][1], failed[0][0])
+        meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world, "data_state": [s for s, _ in states]}
+        try:
+            if self.cfg.checkpoint.async_save and not blocking:
+                self.pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group), tmp, final, meta)
+            else:
+                dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
+        except (Exception, CheckpointException) as e:  # DCP raises on every rank when one rank's write fails
+            self._failed(tmp, _describe(e), None)
+        if self.pending is None:
             self._finish(tmp, final, meta)
         return final
+
+    def _first_error(self, error: BaseException | None) -> str | None:
+        """Rank 0's error, on every rank (a broadcast: also a barrier)."""
+        box = [_describe(error)]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _failed(self, tmp: Path, error: str, rank: int | None) -> None:
+        """A save failed on some rank: remove its partial directory (rank 0), raise on every rank."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        root = self.root if self.root.exists() else self.root.parent
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            free = None
+        need = getattr(self, "need_bytes", 0)
+        # torch.save's zip writer reports a full disk as "unexpected pos": the free space tells
+        no_space = (any(w in error for w in ("No space left", "Disk quota exceeded", "ENOSPC", "EDQUOT"))
+                    or (free is not None and free < need))
+        last = complete_checkpoints(self.root.parent)
+        raise CheckpointWriteError(
+            f"checkpoint {tmp.with_name(tmp.name.removeprefix('.tmp_'))} could not be written"
+            + (f" (rank {rank})" if rank is not None and self.world > 1 else "")
+            + (": out of space" if no_space else "") + f" ({error}). "
+            f"It needs about {need:,} bytes; {self.root} has "
+            + (f"{free:,} bytes free" if free is not None else "an unknown number of bytes free")
+            + f" now that the partial {tmp.name} is removed. "
+            + (f"The newest complete checkpoint, {last[-1]}, is intact. " if last else "No earlier checkpoint exists. ")
+            + ("Free space (or lower checkpoint.keep), then run the same command to resume." if no_space
+               else "Run the same command to resume from it."),
+            no_space)
 
     def wait(self) -> None:
         """Complete an async save in flight."""
         if self.pending is not None:
             future, tmp, final, meta = self.pending
             self.pending = None
-            future.result()
+            try:
+                future.result()
+            except (Exception, CheckpointException) as e:
+                self._failed(tmp, _describe(e), None)
             self._finish(tmp, final, meta)
 
     def _finish(self, tmp: Path, final: Path, meta: dict) -> None:
         dist.barrier()  # every rank's shards are on disk
+        error = None
         if self.rank == 0:
-            (tmp / "data_state.json").write_text(json.dumps(meta.pop("data_state")))
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-            _write_synced(tmp / "meta.json", json.dumps(meta))  # written last: marks completeness
-            if final.exists():  # the same step saved again
-                self._expire([final])
-            os.replace(tmp, final)
-            if self.keep > 0:  # keep <= 0 keeps every checkpoint
-                self._expire(complete_checkpoints(self.root.parent)[: -self.keep])
-        dist.barrier()
+            try:
+                (tmp / "data_state.json").write_text(json.dumps(meta.pop("data_state")))
+                (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+                _write_synced(tmp / "meta.json", json.dumps(meta))  # written last: marks completeness
+            except OSError as e:
+                error = e
+            else:
+                if final.exists():  # the same step saved again
+                    self._expire([final])
+                os.replace(tmp, final)
+                # Only now, with the new one complete, may older ones go; the newest always stays.
+                if self.keep > 0:  # keep <= 0 keeps every checkpoint
+                    self._expire(complete_checkpoints(self.root.parent)[: -self.keep])
+        error = self._first_error(error)  # also the barrier: every rank leaves with the checkpoint in place
+        if error is not None:
+            self._failed(tmp, error, 0)
 
     def _expire(self, old: list[Path]) -> None:
         """Take checkpoints out of ``step_*`` at once (a rename) and delete them in the background:
@@ -310,6 +384,30 @@ class Checkpointer:
             except FileNotFoundError:  # checkpoints written before the RNG states were saved
                 pass
         return meta
+
+
+def _describe(error: BaseException | None) -> str | None:
+    """An error as one line that travels between ranks (None stays None); DCP's
+    CheckpointException carries each failed rank's exception, the first of which is named."""
+    if error is None:
+        return None
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (exc, _) = next(iter(failures.items()))
+        return f"{type(exc).__name__}: {exc} (rank {rank})"
+    return f"{type(error).__name__}: {error}"
+
+
+def _state_bytes(state) -> int:
+    """Bytes of this rank's part of a state dict (DTensors: the local shard)."""
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
 
 
 def _delete_all(paths: list[Path]) -> None:

@@ -101,6 +101,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    # fms_dyt/watchdog.py: a rank that finishes no loop iteration for max(step_factor x the median
+    # step time, min_s) seconds (startup_s before the first step and while saving a checkpoint;
+    # null: parallel.init_timeout_s) dumps its stacks to the run directory and exits 4
+    # (docs/slurm.md, "When things fail"); min_s stays below parallel.timeout_s
+    enabled: bool = True
+    step_factor: float = 20.0
+    min_s: float = 240.0
+    startup_s: Optional[float] = None
+
+
+@dataclass
+class PreflightConfig:
+    # fms_dyt/preflight.py: every rank sees its device and answers one collective within timeout_s
+    enabled: bool = True
+    timeout_s: float = 120.0
+
+
+@dataclass
 class WandbConfig:
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     project: str = "fms-dyt"
@@ -140,6 +159,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
 def register() -> None:
@@ -254,6 +275,10 @@ def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
         ("model.norm_eps", m.norm_eps, _positive, "> 0", False),
         ("model.rope_theta", m.rope_theta, _positive, "> 0", False),
         ("model.init_std", m.init_std, _positive, "> 0", False),
+        ("watchdog.step_factor", cfg.watchdog.step_factor, _at_least_1, ">= 1 (times the median step time)", False),
+        ("watchdog.min_s", cfg.watchdog.min_s, _positive, "> 0 seconds", False),
+        ("watchdog.startup_s", cfg.watchdog.startup_s, _positive, "> 0 seconds (or null: parallel.init_timeout_s)", True),
+        ("preflight.timeout_s", cfg.preflight.timeout_s, _positive, "> 0 seconds", False),
         ("validation.interval", cfg.validation.interval, _at_least_1, ">= 1 (or null: no validation)", True),
         ("validation.tokens", cfg.validation.tokens, lambda v: _number(v) and v >= t.seq_len + 1,
          f">= train.seq_len + 1 = {t.seq_len + 1} (one window)", False),

@@ -3,7 +3,9 @@
 Exit codes: 0 when ``train.max_steps`` is reached; 75 (EX_TEMPFAIL) after SIGTERM or SIGUSR1,
 once the step after the signal is done and a checkpoint is saved (run the same command again to resume);
 130 after Ctrl-C, likewise (a second Ctrl-C stops at once); 2 for a configuration that cannot
-work or that would change the run already in ``run_dir``; 1 on other errors. See fms_dyt/stop.py.
+work or that would change the run already in ``run_dir``; 3 for a diverged run; 4 for a hung rank
+(fms_dyt/watchdog.py); 5 for a node that failed the preflight check; 6 for a checkpoint that did
+not fit on its file system; 1 on other errors. See fms_dyt/stop.py and fms_dyt/failures.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from fms_dyt import failures, watchdog
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
 from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
@@ -28,10 +31,12 @@ from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
 from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize, use_step_timeout
+from fms_dyt.preflight import PreflightError, preflight
 from fms_dyt.resume import check_same_run
 from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
 from fms_dyt.validation import build_validation
 from fms_dyt.telemetry import Telemetry
+from fms_dyt.watchdog import Watchdog
 
 log = logging.getLogger("fms_dyt")
 
@@ -181,16 +186,23 @@ def build_model(cfg, d: Dist, mesh) -> Transformer:
 
 def train(cfg, data=None) -> int:
     """Train to ``train.max_steps``; ``data`` replaces the configured loader (same interface)."""
+    watchdog.current = None  # an earlier train()'s in this process (tests) is not this run's
     validate(cfg)
     stop = StopRequest()  # from here on a signal ends the run after a step and a checkpoint
     try:
         return _train(cfg, data, stop)
     finally:
         stop.restore()
+        if watchdog.current is not None:  # a failed run's: its thread must not outlive train()
+            watchdog.current.stop()
 
 
 def _train(cfg, data, stop: StopRequest) -> int:
     d = init_distributed(cfg.train.device, cfg.parallel.init_timeout_s)
+    failures.note_start(cfg.run_dir, d.rank)  # under slurm/launch.sh: this rank's account of the attempt
+    if cfg.preflight.enabled:
+        preflight(d, cfg.preflight.timeout_s, cfg.parallel.init_timeout_s, failures.attempt_id())
+    dog = Watchdog.for_run(cfg, cfg.run_dir, d.rank)  # None: watchdog.enabled=false
     total_steps, accum = schedule(cfg, d.world_size)
     run_dir = Path(cfg.run_dir)
     if data is None:
@@ -290,7 +302,11 @@ def _train(cfg, data, stop: StopRequest) -> int:
                       flush=True)
 
         stopping = stop.agreed(host)  # the previous step's flags: every rank stops after the same step
+        if dog is not None:
+            dog.step_done(step)
         if step % cfg.checkpoint.interval == 0 or step == total_steps or stopping:
+            if dog is not None:
+                dog.saving()
             where = ckpt.save(step, tokens_seen, model, optimizer, data.state_dict(), blocking=bool(stopping))
             if d.is_main:
                 log.info("checkpoint saved: %s", where)
@@ -301,11 +317,15 @@ def _train(cfg, data, stop: StopRequest) -> int:
             if d.is_main:
                 log.info("stopped by %s after step %d; exit %d: run the same command to resume",
                          stop.signum or "a signal to another rank", step, code)
+            if dog is not None:
+                dog.stop()
             dist.destroy_process_group()
             return code
 
     stop.settle()
     ckpt.wait()
+    if dog is not None:
+        dog.stop()
     wandb_dir = metrics.finish()
     if d.is_main:
         last = complete_checkpoints(run_dir)[-1]
@@ -327,13 +347,21 @@ def main(cfg) -> None:
         code = train(cfg)
     except ConfigError as e:
         print(f"fms-dyt: configuration error: {e}", file=sys.stderr)
-        code = 2
-    except CheckpointError as e:
+        code = failures.note_exit(cfg.run_dir, failures.EXIT_CONFIG, e)
+    except NonFiniteError as e:
+        print(f"fms-dyt: the run diverged: {e}", file=sys.stderr)
+        code = failures.note_exit(cfg.run_dir, failures.EXIT_DIVERGED, e)
+    except (CheckpointError, PreflightError) as e:
         print(f"fms-dyt: {e}", file=sys.stderr)
-        code = 1
+        code = failures.note_exit(cfg.run_dir, getattr(e, "exit_code", 1), e)
     except KeyboardInterrupt:
         print(f"\nfms-dyt: stopped at once by a second Ctrl-C; the newest checkpoint in {cfg.run_dir}/checkpoints "
               "is where the same command resumes", file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        code = failures.note_exit(cfg.run_dir, EXIT_INTERRUPTED)
+    except Exception as e:  # recorded (a hung rank's stacks dumped first), then raised as before
+        failures.note_exit(cfg.run_dir, 1, e)
+        raise
+    else:
+        failures.note_exit(cfg.run_dir, code)
     if code:  # returning on success lets Hydra multirun launchers (submitit) record the job's result
         sys.exit(code)

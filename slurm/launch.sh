@@ -8,7 +8,11 @@
 #   '#SBATCH --signal=B:USR1@<seconds>' or 'scancel --signal=USR1 --batch <job>') asks the trainer
 #   to checkpoint and stop, then requeues the job with 'scontrol requeue'. The requeued job runs
 #   the same command and train.py resumes from the newest checkpoint in the run directory.
-#   A run that finishes, or fails without having been asked to stop, is not requeued.
+#   A run that fails without having been asked to stop (a rank killed, a node lost, a hung rank
+#   found by the watchdog, a node that fails the preflight check) is requeued too, without the node
+#   that failed first, up to FMS_DYT_MAX_FAILURES times over the run (python -m fms_dyt.failures
+#   decides and records each failure in <run_dir>/failures.jsonl); a configuration error, a
+#   diverged run and a full disk are not. A run that finishes is not requeued.
 #
 # Node mode, one per node:  launch.sh --node [hydra overrides...]
 #   runs torchrun with c10d rendezvous on the allocation's first node, one worker per GPU on the
@@ -21,6 +25,7 @@
 #   FMS_DYT_PYTHON          python interpreter (default: python3)
 #   FMS_DYT_ENV_FILE        a file sourced on every node before torchrun: site NCCL settings
 #                           (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...), modules, virtualenvs
+#   FMS_DYT_MAX_FAILURES    failures of a run that are requeued (default 3; 0: none)
 set -uo pipefail
 
 LAUNCHER=$(readlink -f "${BASH_SOURCE[0]}")
@@ -105,7 +110,14 @@ batch_main() {
   trap 'on_signal TERM' TERM
   log "job $SLURM_JOB_ID (${SLURM_JOB_NAME}) restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST, run_dir=$run_dir"
   log "overrides: ${args[*]}"
-  srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
+  # every rank's account of this attempt goes to <run_dir>/failures/<attempt>/ (fms_dyt/failures.py)
+  export FMS_DYT_ATTEMPT="$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
+  local job_log log_offset
+  job_log=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2-)
+  log_offset=$(stat -c %s "$job_log" 2>/dev/null || echo 0)
+  # a task that fails ends the step on every node at once (Slurm sends SIGCONT, then SIGTERM):
+  # the other ranks would otherwise wait for it until their collective timeout
+  srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
     bash "$LAUNCHER" --node "${args[@]}" &
   STEP_PID=$!
   [ -n "$STOP" ] && kill -USR1 "$STEP_PID" 2>/dev/null   # a signal that came before srun started
@@ -126,6 +138,17 @@ batch_main() {
     log "scontrol requeue failed (job submitted with --no-requeue, or requeue disabled here):" \
       "submit the same command again with run_dir=$run_dir to resume"
     exit $EX_TEMPFAIL
+  fi
+  if [ "$rc" != 0 ] && [ -z "$STOP" ]; then
+    # A failure nobody asked for. fms_dyt.failures names the node and the reason, records them and
+    # requeues the job when that is worth it; 'scontrol requeue' ends this script with SIGTERM
+    # within KillWait, so from here on SIGTERM is ignored (here and in the python it starts) until
+    # the excluded node is set on the pending job.
+    trap '' TERM
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fms_dyt.failures decide \
+      --run-dir "$run_dir" --job "$SLURM_JOB_ID" --restart "${SLURM_RESTART_COUNT:-0}" --rc "$rc" \
+      ${job_log:+--log "$job_log" --log-offset "$log_offset"}
+    exit $?
   fi
   exit "$rc"
 }

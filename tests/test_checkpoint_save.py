@@ -1,15 +1,25 @@
 """Checkpoint retention never holds the ranks in a barrier: expired checkpoints leave the step_*
-namespace by a rename and are deleted in the background; RNG states round-trip."""
+namespace by a rename and are deleted in the background; RNG states round-trip; a save that runs
+out of space leaves the previous checkpoint as it was and the run resumes once space is freed."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
+import pytest
 import torch
 
 from fms_dyt import checkpoint
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
-from fms_dyt.config import load_config
+from fms_dyt.config import load_config, model_args, norm_args
+from fms_dyt.model import Transformer, count_parameters
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _complete(root, step):
@@ -105,3 +115,68 @@ def test_dcp_saves_and_loads_on_its_own_gloo_group_made_once(tmp_path, one_rank,
     assert dcp_groups == {"checkpoint"}, audit.collectives  # DCP's plan and result exchanges
     ckpt.load(path, model, optimizer)
     assert groups == [("async_save", ckpt.group), ("save", ckpt.group), ("load", ckpt.group)]
+
+
+# ---- a full disk loses nothing (issue 22) -----------------------------------------------------
+
+SMALL_RUN = ["experiment=quickstart", "model.n_layers=2", "train.max_steps=4", "train.seq_len=32",
+             "train.micro_batch_size=2", "train.global_batch_tokens=128", "checkpoint.interval=2", "checkpoint.keep=1",
+             "logging.wandb.mode=disabled", "validation.interval=null", "logging.telemetry_interval=null"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of a few MB of its own (root only), unmounted afterwards; ``(mount point, mount)``
+    where ``mount(size)`` (re)mounts it at ``size`` bytes."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where = tmp_path / "small_fs"
+    where.mkdir()
+
+    def mount(size: int):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    yield where, mount
+    subprocess.run(["umount", str(where)], check=False)
+
+
+def _losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_a_save_that_runs_out_of_space_loses_nothing_and_resumes_after_space_is_freed(tmp_path, small_fs):
+    where, mount = small_fs
+    train = [sys.executable, "train.py", *SMALL_RUN]
+    # a checkpoint's size: fp32 parameters and AdamW's two moments (a few KB of metadata besides)
+    cfg = load_config(SMALL_RUN)
+    with torch.device("meta"):
+        size = 12 * count_parameters(Transformer(model_args(cfg), norm_args(cfg)))["total"]
+    # room for two checkpoints, taken down to one and a half by a file that is deleted later
+    mount(2 * size + 2_000_000)
+    filler = where / "filler"
+    filler.write_bytes(b"\0" * (size // 2 + 1_000_000))
+    run_dir = where / "run"
+    first = subprocess.run(train + [f"run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 6, first.stdout[-2000:] + first.stderr[-3000:]
+    names = sorted(d.name for d in (run_dir / "checkpoints").iterdir())
+    # no partial directory; checkpoint.keep=1 kept the last complete one since no newer one completed
+    assert names == ["step_2"], names
+    assert checkpoint.inspect_checkpoint(run_dir / "checkpoints" / "step_2")[0] is None
+    error = first.stderr  # one line: "fms-dyt: checkpoint ... could not be written: ..."
+    m = re.search(r"checkpoint (\S+) could not be written: out of space .*needs about ([\d,]+) bytes; "
+                  r"\S+ has ([\d,]+) bytes free", error)
+    assert m, first.stderr[-3000:]
+    assert m.group(1) == str(run_dir / "checkpoints" / "step_4")
+    need, free = (int(g.replace(",", "")) for g in m.groups()[1:])
+    assert 0.5 * size < need < 2 * size and free < need, (need, free, size)
+    before = _losses(run_dir)
+    assert sorted(before) == [1, 2, 3, 4]
+
+    filler.unlink()
+    again = subprocess.run(train + [f"run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} (step 2," in again.stdout + again.stderr
+    after = _losses(run_dir)
+    assert after == before  # steps 3 and 4 again, bit for bit the uninterrupted ones
+    # step_4 complete, step_2 went (checkpoint.keep=1) only then
+    assert sorted(d.name for d in (run_dir / "checkpoints").iterdir()) == ["step_4"]

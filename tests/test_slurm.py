@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -192,12 +193,22 @@ def test_sbatch_accepts_all_eight_scripts(slurm):
         assert proc.returncode == 0 and "to start at" in proc.stderr, (run, proc.stderr)
 
 
-def test_two_node_job_completes(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = TINY + ["train.max_steps=6", "checkpoint.interval=2",
-                        "logging.wandb.mode=disabled", f"run_dir={run_dir}"]
-    job_id, log = submit(tmp_path, overrides)
+# Six steps with a checkpoint every two: the uninterrupted run, and the runs that fail (issue 22).
+RUN = TINY + ["train.max_steps=6", "checkpoint.interval=2", "logging.wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory):
+    """``(job id, log, run_dir, fields)`` of RUN on both nodes, not interrupted; shared: the
+    failure tests compare their losses with its."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    job_id, log = submit(tmp, RUN + [f"run_dir={tmp / 'run'}"])
     fields = wait_for(lambda: finished(job_id), "the job to finish", 240, job_id, log)
+    return job_id, log, tmp / "run", fields
+
+
+def test_two_node_job_completes(uninterrupted):
+    job_id, log, run_dir, fields = uninterrupted
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", text[-6000:]
     # one torchrun per emulated node, both in the same rendezvous
@@ -269,3 +280,175 @@ def test_alpha0_sweep_runs_on_slurm(slurm, tmp_path):
         assert logged_steps(run_dirs[0]) == [1, 2]
         assert complete_checkpoints(run_dirs[0])[2]["world_size"] == 2
         assert OmegaConf.load(run_dirs[0] / "config.yaml").norm.alpha_attn == alpha
+
+
+# ---- issue 22: failures nobody warned about -----------------------------------------------------
+# A trainer killed on the second node requeues the job, which resumes and matches an uninterrupted
+# run; a stopped trainer is found by the watchdog, every rank's stacks are in the run directory and
+# the requeued job finishes; a configuration error fails once; FMS_DYT_MAX_FAILURES ends the retries.
+
+STEPS = 6  # RUN's
+FAILURES_RECORD = "failures.jsonl"  # fms_dyt.failures.RECORD
+
+
+def losses(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.strip())}
+
+
+def trainer_pid(job_id: str, node: str) -> int | None:
+    """The training process (torchrun's child, not a DataLoader worker) of ``job_id`` on ``node``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+            cmd = (proc / "cmdline").read_text().split("\0")
+            parent = (Path("/proc") / (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] / "cmdline").read_text()
+        except (OSError, IndexError):
+            continue
+        if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME") == node
+                and any(c.endswith("train.py") for c in cmd) and "torch.distributed.run" in parent):
+            return int(proc.name)
+    return None
+
+
+def requeue_now(job_id: str, restarts: int, log: Path) -> None:
+    """Wait until the job is pending after its requeue, then let it start without Slurm's hold."""
+    def pending():
+        fields = job_fields(job_id)
+        return fields["Restarts"] == str(restarts) and fields["JobState"] == "PENDING"
+
+    wait_for(pending, f"requeue {restarts}", 180, job_id, log)
+    time.sleep(2)  # slurmd refuses a start within the second its old credential was revoked
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / FAILURES_RECORD
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    """Losses of the uninterrupted run, on the same two nodes."""
+    job_id, log, run_dir, fields = uninterrupted
+    assert fields["JobState"] == "COMPLETED", log.read_text()[-6000:]
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    return losses(run_dir)
+
+
+def test_sigkill_on_the_second_node_requeues_resumes_and_matches(slurm, reference, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("FMS_DYT_MAX_FAILURES", "1")
+    job_id, log = submit(tmp_path, RUN + [f"run_dir={run_dir}"])
+    wait_for(lambda: 3 in losses(run_dir), "the checkpoint of step 2 and a step after it", 300, job_id, log)
+    pid = wait_for(lambda: trainer_pid(job_id, "node2"), "the trainer on node2", 30, job_id, log)
+    os.kill(pid, signal.SIGKILL)
+    killed_after = max(losses(run_dir))
+    requeue_now(job_id, 1, log)
+    fields = wait_for(lambda: finished(job_id), "the requeued job to finish", 300, job_id, log)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-6000:]
+    [record] = records(run_dir)
+    assert record["node"] == "node2" and record["signal"] == "SIGKILL" and record["action"] == "requeue", record
+    assert 2 <= record["step"] <= killed_after, record
+    assert "failed on node node2 (SIGKILL, killed)" in text, text[-6000:]
+    # two nodes, a two-node job: leaving node2 out would leave too few, and the log says so
+    assert "not excluding node2: partition debug would have 1 node(s) left for this 2-node job" in text
+    step = record["step"]
+    resumed = f"resumed from {run_dir / 'checkpoints' / f'step_{step}'}"
+    assert resumed in text, text[-6000:]
+    after = {s: v for s, v in losses(run_dir).items() if s > record["step"]}
+    assert after and after == {s: reference[s] for s in after}
+
+
+def test_sigstop_is_found_by_the_watchdog_and_every_rank_dumps_its_stacks(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    bound = 20  # seconds without a step; the process group's own timeout is longer
+    # no checkpoint before the end: the stop never lands in a save, whose bound is watchdog.startup_s
+    job_id, log = submit(tmp_path, RUN + [f"run_dir={run_dir}", f"watchdog.min_s={bound}", "parallel.timeout_s=100",
+                                          "checkpoint.interval=100"])
+    wait_for(lambda: 3 in losses(run_dir), "step 3", 300, job_id, log)
+    pid = wait_for(lambda: trainer_pid(job_id, "node2"), "the trainer on node2", 30, job_id, log)
+    os.kill(pid, signal.SIGSTOP)
+    stopped, stopped_at = time.monotonic(), time.time()
+    try:
+        requeue_now(job_id, 1, log)
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+    assert time.monotonic() - stopped < 120  # failed, recorded and requeued
+    attempt = run_dir / "failures" / f"{job_id}.0"
+    dumps = sorted(p.name for p in attempt.glob("stacks_rank_*.txt"))
+    assert dumps == ["stacks_rank_0.txt", "stacks_rank_1.txt"], (dumps, log.read_text()[-6000:])
+    for name in dumps:
+        text = (attempt / name).read_text()
+        assert "fms-dyt watchdog" in text and 'File "' in text, text[:3000]
+    # the rank on node1, waiting for the stopped one, gave up within the bound (plus the 2 s poll);
+    # torchrun numbers the ranks in rendezvous order, so node1's is rank 0 or 1
+    ranks = {r["node"]: r for r in map(json.loads, map(Path.read_text, attempt.glob("rank_*.json")))}
+    assert ranks["node1"]["exit_code"] == 4 and ranks["node1"]["time"] - stopped_at < bound + 5, ranks
+    [record] = records(run_dir)
+    # the stopped rank is the one to blame: its own watchdog could not run while it was stopped
+    assert record["reason"] == "hang" and record["node"] == "node2" and record["action"] == "requeue", record
+    fields = wait_for(lambda: finished(job_id), "the requeued job to finish", 300, job_id, log)
+    assert fields["JobState"] == "COMPLETED", log.read_text()[-6000:]
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+
+
+def test_a_config_error_is_not_requeued_and_the_log_ends_with_the_key(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, log = submit(tmp_path, RUN + [f"run_dir={run_dir}", "optim.lr=-1"])
+    fields = wait_for(lambda: finished(job_id), "the job to fail", 240, job_id, log)
+    text = log.read_text()
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", text[-6000:]
+    last = "\n".join(text.strip().splitlines()[-3:])
+    assert "optim.lr=-1" in last and "not requeueing" in text and "Traceback" not in last, text[-6000:]
+    [record] = records(run_dir)
+    assert record["reason"] == "config" and record["exit_code"] == 2 and record["action"] == "stop", record
+
+
+def test_max_failures_stops_the_requeues_and_says_why(slurm, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("FMS_DYT_MAX_FAILURES", "1")
+    job_id, log = submit(tmp_path, RUN + [f"run_dir={run_dir}"])
+    for attempt in (0, 1):
+        def first_step():
+            ranks = run_dir / "failures" / f"{job_id}.{attempt}"
+            return len(list(ranks.glob("rank_*.json"))) == 2 and trainer_pid(job_id, "node2")
+
+        pid = wait_for(first_step, f"attempt {attempt}'s trainers", 300, job_id, log)
+        os.kill(pid, signal.SIGKILL)
+        if attempt == 0:
+            requeue_now(job_id, 1, log)
+    fields = wait_for(lambda: finished(job_id), "the job to fail", 240, job_id, log)
+    text = log.read_text()
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "1", text[-6000:]
+    assert [r["action"] for r in records(run_dir)] == ["requeue", "stop"]
+    assert "not requeueing job" in text and "this is failure 2 of this run and FMS_DYT_MAX_FAILURES=1" in text, text[-6000:]
+
+
+def test_a_one_node_job_is_requeued_without_the_node_that_failed(slurm, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("FMS_DYT_NPROC_PER_NODE", "1")
+    log = tmp_path / "job.out"
+    # one node of the two: the other is left for the requeued job
+    cmd = SBATCH + ["--nodes=1", f"--output={log}", SCRIPT] + RUN + [f"run_dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    wait_for(lambda: 1 in losses(run_dir), "the first step", 300, job_id, log)
+    first = job_fields(job_id)["NodeList"]
+    pid = wait_for(lambda: trainer_pid(job_id, first), f"the trainer on {first}", 30, job_id, log)
+    os.kill(pid, signal.SIGKILL)
+    requeue_now(job_id, 1, log)
+    assert job_fields(job_id)["ExcNodeList"] == first
+    fields = wait_for(lambda: finished(job_id), "the requeued job to finish", 300, job_id, log)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["NodeList"] not in ("", first), text[-6000:]
+    [record] = records(run_dir)
+    assert record["node"] == first and record["excluded"] == [first], record
+    assert f"without node {first} (ExcNodeList={first})" in text, text[-6000:]
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
