@@ -177,7 +177,7 @@ class Checkpointer:
                 if STEP_DIR.match(d.name) and not (d / "meta.json").is_file():
                     log.warning("checkpoint %s has no meta.json (its save did not finish): renamed to %s",
                                 d, set_aside(d, "incomplete").name)
-        dist.barrier()
+        dist.barrier(group=self.group)
 
     def load_newest(self, model, optimizer) -> tuple[Path, dict, list] | None:
         """Restore the newest checkpoint that loads on every rank: ``(path, meta, skipped)`` with
@@ -208,7 +208,7 @@ class Checkpointer:
                     for bad, why in skipped:
                         log.warning("checkpoint %s cannot be loaded (%s): renamed to %s", bad, why,
                                     set_aside(bad, "unloadable").name)
-                dist.barrier()
+                dist.barrier(group=self.group)
                 return path, meta, skipped
             if self.rank == 0:
                 log.warning("checkpoint %s cannot be loaded: %s; trying the one before", path, problem)
@@ -239,7 +239,7 @@ class Checkpointer:
     def _agree(self, problem: str | None) -> str | None:
         """The first rank's problem, on every rank (None when no rank has one)."""
         problems = [None] * self.world
-        dist.all_gather_object(problems, problem)
+        dist.all_gather_object(problems, problem, group=self.group)
         for rank, p in enumerate(problems):
             if p is not None:
                 return p if self.world == 1 else f"{p} (rank {rank})"
@@ -267,7 +267,7 @@ class Checkpointer:
             except OSError as e:
                 error = e
         states = [None] * self.world
-        dist.all_gather_object(states, (data_state, _describe(error)))
+        dist.all_gather_object(states, (data_state, _describe(error)), group=self.group)
         failed = [(r, e) for r, (_, e) in enumerate(states) if e is not None]
         if failed:
             self._failed(tmp, failed[0][1], failed[0][0])
@@ -286,14 +286,14 @@ class Checkpointer:
     def _first_error(self, error: BaseException | None) -> str | None:
         """Rank 0's error, on every rank (a broadcast: also a barrier)."""
         box = [_describe(error)]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def _failed(self, tmp: Path, error: str, rank: int | None) -> None:
         """A save failed on some rank: remove its partial directory (rank 0), raise on every rank."""
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
+        dist.barrier(group=self.group)
         root = self.root if self.root.exists() else self.root.parent
         try:
             free = shutil.disk_usage(root).free
@@ -328,7 +328,7 @@ class Checkpointer:
             self._finish(tmp, final, meta)
 
     def _finish(self, tmp: Path, final: Path, meta: dict) -> None:
-        dist.barrier()  # every rank's shards are on disk
+        dist.barrier(group=self.group)  # every rank's shards are on disk
         error = None
         if self.rank == 0:
             try:
