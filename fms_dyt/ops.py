@@ -38,9 +38,9 @@ _TANH_LIMIT = 9.02
 
 def _tanh(z: torch.Tensor) -> torch.Tensor:
     """tanh(z) as the op computes it. Compiled for a CPU, a rational function in plain ops, which
-    inductor fuses into the loop that needs it at nine multiply-adds and one division a value:
-    ATen's vectorised tanh costs several times that, and DyT on a CPU is bound by it. Elsewhere
-    (eager, GPUs) ``torch.tanh``."""
+    inductor fuses into the loop that needs it at ten multiplies or multiply-adds and one division
+    a value: ATen's vectorised tanh costs several times that, and DyT on a CPU is bound by it.
+    Elsewhere (eager, GPUs) ``torch.tanh``."""
     if not (torch.compiler.is_compiling() and z.device.type == "cpu" and torch.finfo(z.dtype).bits <= 32):
         return torch.tanh(z)
     w = z.float().clamp(-_TANH_LIMIT, _TANH_LIMIT)
