@@ -301,11 +301,12 @@ def test_tune_alpha0_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "alpha0.json").read_text())
     assert len(summary["probes"]) == 4 and all(p["value"] is not None for p in summary["probes"]), summary["probes"]
-    assert set(summary["best"]) == {"attn", "ffn"}  # the quickstart's final norm is RMSNorm: no final α₀
+    assert set(summary["best"]) == {"attn", "ffn", "final"}  # the quickstart is all-DyT: a final α₀ too
     assert summary["alpha_table_row"][0] == 32 and (tmp_path / "alpha0.png").stat().st_size > 0
     for p in summary["probes"]:
         config = (Path(p["run_dir"]) / "config.yaml").read_text()
         assert f"alpha_attn: {p['attn']}" in config and f"alpha_ffn: {p['other']}" in config
+        assert f"alpha_final: {p['other']}" in config
     assert "best α₀ after 3 steps (loss, mean of the last 10 logged values)" in done.stdout
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished before") == 4
