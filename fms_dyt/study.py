@@ -473,7 +473,7 @@ def scale_report(study: Study, rows: Sequence[dict], widths: Sequence[int], grid
             best = _best(rows, w, kind)
             near = "—" if best is None else ("yes" if abs(labels.index(best["gamma_label"]) - labels.index("auto")) <= 1
                                              else "no")
-            cells += ["—" if best is None else f"{best['gamma0']:.3g} ({best['mean']:.3f})", near]
+            cells += ["—" if best is None else f"{best['gamma0']:.3g} ({best['mean']:.3f} ± {_fmt(best['sd'])})", near]
         gap = _gap(auto_d, auto_r)
         best_gap = _gap(_best(rows, w, "dyt"), _best(rows, w, "rmsnorm"))
         summary.append(f"| {w} | {grids[w][labels.index('auto')][1]:.3g} | {' | '.join(cells)} | {_signed(gap)} | "

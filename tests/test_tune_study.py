@@ -385,8 +385,8 @@ def test_final_scale_report_from_finished_runs(tmp_path):
     done = S.run_final_scale(study, [64, 128], echo=seen.append)
     assert not any("started" in s for s in seen)
     report = done["report"].read_text()
-    assert "| 64 | 8 | 8 (5.110) | yes | 8 (5.130) | yes | -0.020 | -0.020 | 30% |" in report
-    assert "| 128 | 5.66 | 5.66 (4.960) | yes | 2.83 (4.810) | yes | +0.100 | +0.150 | 30% |" in report
+    assert "| 64 | 8 | 8 (5.110 ± 0.014) | yes | 8 (5.130 ± 0.014) | yes | -0.020 | -0.020 | 30% |" in report
+    assert "| 128 | 5.66 | 5.66 (4.960 ± 0.014) | yes | 2.83 (4.810 ± 0.014) | yes | +0.100 | +0.150 | 30% |" in report
     assert "| 128 | 11.31 | 5.410 ± 0.014 (range 0.020) | 90% | 5.010 ± 0.014 (range 0.020) |" in report
     assert "- width 64: all-DyT with `norm.final_gamma0=auto` ends -0.020 nats" in report and "**matches**" in report
     assert "- width 128: all-DyT with `norm.final_gamma0=auto` ends +0.100 nats" in report and "**does not match**" in report
