@@ -112,12 +112,16 @@ def gathers_in_fp8(model: nn.Module) -> bool:
                for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def precompute_scales(model: nn.Module) -> None:
+    """With FP8 all-gathers, compute every FP8 weight's scale now, in one all-reduce of one number
+    per layer (instead of one all-reduce per layer inside each all-gather); nothing otherwise."""
+    if gathers_in_fp8(model):
+        torchao_float8().precompute_float8_dynamic_scale_for_fsdp(model)
+
+
 def watch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """With FP8 all-gathers, compute every FP8 weight's scale after each optimizer step: one
-    all-reduce of one number per layer, instead of one all-reduce per layer inside each
-    all-gather. (Before the first step, and after a resume, the all-gathers compute them themselves,
-    with the same formula and result.) Nothing to do without FP8 all-gathers."""
-    if not gathers_in_fp8(model):
-        return
-    precompute = torchao_float8().precompute_float8_dynamic_scale_for_fsdp
-    optimizer.register_step_post_hook(lambda *_: precompute(model))
+    """With FP8 all-gathers, ``precompute_scales`` after each optimizer step. Loading a checkpoint
+    must call it again: torch's ``set_state_dict`` runs one optimizer step on the weights as they
+    were before the load (to create AdamW's state), which leaves their scales behind."""
+    if gathers_in_fp8(model):
+        optimizer.register_step_post_hook(lambda *_: precompute_scales(model))
