@@ -5,7 +5,6 @@ scale, and the planner's and simulator's FP8 bytes."""
 
 from __future__ import annotations
 
-import collections
 import logging
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from in_memory import CountedBatches
+
 from fms_dyt import float8
 from fms_dyt.audit import StepAudit
 from fms_dyt.config import load_config, model_args, norm_args
@@ -25,7 +26,6 @@ from fms_dyt.model import Transformer
 from fms_dyt.parallel import apply_parallelism, materialize
 from fms_dyt.plan import plan
 from fms_dyt.trainer import train
-
 REPO = float8.__file__.rsplit("/fms_dyt/", 1)[0]
 SEQ, MICRO = 32, 2
 TINY = ["model=tiny", "model.n_layers=2", "norm=dyt", "norm.alpha_attn=4", "norm.alpha_ffn=4",
@@ -34,26 +34,14 @@ TINY = ["model=tiny", "model.n_layers=2", "norm=dyt", "norm.alpha_attn=4", "norm
         "logging.telemetry_interval=null", "optim.lr=3e-3", "optim.warmup_steps=2", "preflight.enabled=false"]
 
 
-class Batches:
+class Batches(CountedBatches):
     """Fixed random token batches (the same for every run), resumable by count."""
-
-    def __init__(self):
-        self.i = 0
 
     def __iter__(self):
         while True:
             tokens = torch.randint(0, 500, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(self.i))
             self.i += 1
             yield tokens[:, :-1], tokens[:, 1:]
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, states):
-        self.i = states[0]["i"]
-
-    def stats(self):
-        return {"batches": self.i}
 
 
 def _train(run_dir, *overrides) -> dict[int, float]:
