@@ -6,6 +6,9 @@ step    a training step with compiled blocks of a ~1B configuration, DyT against
 mfu     tokens/s and MFU of a 7B-wide model with 4 blocks (compiled)
 memory  ``fms_dyt.plan --simulate``'s predicted peak of that model (eager) against
         ``torch.cuda.max_memory_allocated`` of two real steps
+fp8     tokens/s of that model with compiled blocks in bf16 and with each FP8 recipe
+        (``parallel.float8``; DyT also with ``parallel.float8_dyt_static_scale``), DyT and RMSNorm,
+        and each one's ratio to bf16 with the same norm (needs torchao: ``pip install -e ".[fp8]"``)
 
 ``--dry-run`` checks what a CPU can: the arguments, the imports and every configuration.
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("norm", "step", "mfu", "memory")
+BENCHMARKS = ("norm", "step", "mfu", "memory", "fp8")
 WIDE_7B = ["model=llama7b", "model.n_layers=4", "train.seq_len=4096", "train.micro_batch_size=2",
            "train.global_batch_tokens=8192", "train.max_steps=2", "train.device=cuda"]
 ONE_B = ["model=llama7b", "model.dim=2048", "model.n_heads=16", "model.n_kv_heads=16", "model.ffn_dim=5632", "model.n_layers=16",
@@ -34,6 +37,12 @@ CONFIGS = {
     "step_dyt": ONE_B + ["norm=dyt"], "step_rmsnorm": ONE_B + ["norm=rmsnorm"],
     "mfu": WIDE_7B + ["norm=dyt", "parallel.compile=true"], "memory": WIDE_7B + ["norm=dyt"],
 }
+FP8_RECIPES = {"bf16": [], "tensorwise": ["parallel.float8=tensorwise"], "rowwise": ["parallel.float8=rowwise"],
+               "rowwise_with_gw_hp": ["parallel.float8=rowwise_with_gw_hp"]}
+for _norm in ("dyt", "rmsnorm"):
+    for _name, _extra in FP8_RECIPES.items():
+        CONFIGS[f"fp8_{_norm}_{_name}"] = WIDE_7B + [f"norm={_norm}", "parallel.compile=true", *_extra]
+CONFIGS["fp8_dyt_tensorwise_static"] = CONFIGS["fp8_dyt_tensorwise"] + ["parallel.float8_dyt_static_scale=true"]
 
 
 def _cuda_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
@@ -147,6 +156,25 @@ def bench_memory() -> dict:
             "simulated_over_measured": round(predicted / measured, 3)}
 
 
+def bench_fp8() -> dict:
+    """tokens/s of each FP8 configuration and its ratio to bf16 with the same norm; a configuration
+    that fails is recorded with its error and the others still run."""
+    out = {}
+    for name in (n for n in CONFIGS if n.startswith("fp8_")):
+        torch._dynamo.reset()  # each configuration compiles its blocks afresh
+        torch.cuda.empty_cache()
+        try:
+            times, cfg = _steps(CONFIGS[name], 5)
+            out[f"{name[4:]}_tokens_per_s"] = round(cfg.train.global_batch_tokens / statistics.median(times), 1)
+        except Exception as e:  # noqa: BLE001  (reported in the JSON, the next configuration runs)
+            out[f"{name[4:]}_error"] = f"{type(e).__name__}: {e}"[:500]
+    for key in [k for k in out if k.endswith("_tokens_per_s")]:
+        base = out.get(f"{key.split('_')[0]}_bf16_tokens_per_s")
+        if base and "bf16" not in key:
+            out[key.replace("_tokens_per_s", "_over_bf16")] = round(out[key] / base, 3)
+    return out
+
+
 def dry_run(selected: list[str]) -> dict:
     from fms_dyt.config import load_config
 
@@ -172,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench: no CUDA GPU here; use --dry-run to check the script on a CPU", file=sys.stderr)
         return 2
     else:
-        functions = {"norm": bench_norm, "step": bench_step, "mfu": bench_mfu, "memory": bench_memory}
+        functions = {"norm": bench_norm, "step": bench_step, "mfu": bench_mfu, "memory": bench_memory, "fp8": bench_fp8}
         result = {"ran_on_gpu": True, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                   **{name: functions[name]() for name in selected}}
     ns.out.parent.mkdir(parents=True, exist_ok=True)

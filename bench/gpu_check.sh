@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check of fms-dyt (one GPU, at most 10 minutes), written to one JSON file:
+# The GPU check of fms-dyt (one GPU, at most 15 minutes), written to one JSON file:
 #   1. the sync-debug run: trainer steps with torch.cuda.set_sync_debug_mode("error") between log
 #      steps, so that any device-to-host sync there fails the check (SYNC_TEST below);
-#   2. the other tests marked `gpu` (tests/test_gpu.py); 3. the GPU benchmarks (bench/gpu_bench.py).
+#   2. the other tests marked `gpu` (tests/test_gpu.py); 3. the GPU benchmarks (bench/gpu_bench.py);
+#   4. FP8 training's tokens/s against bf16 (bench/gpu_bench.py --only fp8: 9 compiled configurations).
 #   bash bench/gpu_check.sh [--out FILE]             on a machine with a CUDA GPU
 #                                                    (default bench/results/gpu_check.json)
 #   bash bench/gpu_check.sh --dry-run [--out FILE]   anywhere: collects the tests, checks the script
@@ -25,7 +26,8 @@ SYNC_TEST=tests/test_gpu.py::test_no_device_sync_between_log_steps
 commands=(
   "timeout 120 python -m pytest -q $SYNC_TEST"
   "timeout 300 python -m pytest -q -m gpu tests/test_gpu.py --deselect $SYNC_TEST"
-  "timeout 180 python bench/gpu_bench.py"
+  "timeout 180 python bench/gpu_bench.py --only norm,step,mfu,memory"
+  "timeout 300 python bench/gpu_bench.py --only fp8"
 )
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -74,19 +76,21 @@ ${commands[1]} --junitxml="$work/tests.xml" | tail -20
 tests_rc=${PIPESTATUS[0]}
 ${commands[2]} --out "$work/bench.json"
 bench_rc=$?
+${commands[3]} --out "$work/fp8.json"
+fp8_rc=$?
 set -e
-python - "$out" "$work" "$sync_rc" "$tests_rc" "$bench_rc" <<'PY'
+python - "$out" "$work" "$sync_rc" "$tests_rc" "$bench_rc" "$fp8_rc" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
-out, work, sync_rc, tests_rc, bench_rc = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
+out, work, sync_rc, tests_rc, bench_rc, fp8_rc = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:7])
 tests = {}
 if (work / "tests.xml").exists():
     suite = ET.parse(work / "tests.xml").getroot().find("testsuite")
     tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-bench = json.loads((work / "bench.json").read_text()) if (work / "bench.json").exists() else None
+bench, fp8 = (json.loads((work / f).read_text()) if (work / f).exists() else None for f in ("bench.json", "fp8.json"))
 result = {"ran_on_gpu": True, "sync_debug_exit_code": sync_rc, "tests_exit_code": tests_rc, "tests": tests,
-          "bench_exit_code": bench_rc, "bench": bench}
+          "bench_exit_code": bench_rc, "bench": bench, "fp8_exit_code": fp8_rc, "fp8": fp8}
 open(out, "w").write(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result, indent=2))
 PY
-[ "$sync_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$sync_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$fp8_rc" = 0 ]

@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fms_dyt.data.config import DataConfig, TokenizerConfig, validate_data
 from fms_dyt.errors import ConfigError  # noqa: F401  (fms_dyt.config.ConfigError for the CLIs)
+from fms_dyt.float8 import torchao_float8
 from fms_dyt.model import ModelArgs
 from fms_dyt.norms import NORMS, NormArgs, alpha_from_table, auto_final_gamma0
 
@@ -85,6 +86,11 @@ class ParallelConfig:
     activation_checkpointing: str = "off"  # off | full | selective
     ac_fraction: float = 0.5  # selective: fraction of blocks checkpointed
     compile: bool = False  # torch.compile each transformer block
+    # FP8 matrix multiplies of the blocks' linear layers with torchao (pip install -e ".[fp8]"):
+    # off | rowwise | tensorwise (FP8 all-gather of the weights) | rowwise_with_gw_hp (fms_dyt/float8.py)
+    float8: str = "off"
+    # tensorwise: the layers that read a DyT output scale it from max|γ| instead of its measured max
+    float8_dyt_static_scale: bool = False
     # Gradient accumulation: false reduce-scatters every micro-batch (gradients stay shard-sized);
     # true keeps unsharded fp32 gradients until the last micro-batch (less traffic, more memory).
     defer_grad_sync: bool = False
@@ -360,12 +366,18 @@ def validate(cfg: DictConfig) -> None:
         "logging.wandb.mode": (cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled")),
         "parallel.param_dtype": (p.param_dtype, ("bfloat16", "float16", "float32")),
         "parallel.reduce_dtype": (p.reduce_dtype, ("bfloat16", "float16", "float32")),
+        "parallel.float8": (p.float8, ("off", "rowwise", "tensorwise", "rowwise_with_gw_hp")),
         "train.device": (t.device, ("auto", "cuda", "cpu")),
         "train.resume": (t.resume, ("auto", "force")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    if p.float8 != "off":
+        torchao_float8()  # missing: the error names the install command
+    if p.float8_dyt_static_scale and p.float8 != "tensorwise":
+        raise ConfigError(f"parallel.float8_dyt_static_scale=true needs parallel.float8=tensorwise (got "
+                          f"{p.float8!r}): a static scale is one number per tensor")
     try:
         validate_data(OmegaConf.to_object(cfg.data))
     except ValueError as e:

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from fms_dyt import float8
+
 
 def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, str]]:
     """Every trainable parameter as (name, parameter, role), in ``named_parameters`` order. Roles:
@@ -56,10 +58,12 @@ def build_optimizer(model: torch.nn.Module, cfg_optim) -> torch.optim.Optimizer:
     # Fused AdamW (one kernel for all parameters) runs on CUDA and CPU; on CPU it is ~4x faster
     # than foreach (bench/run.py).
     fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
-    return torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(
         groups, lr=cfg_optim.lr, betas=tuple(cfg_optim.betas), eps=cfg_optim.eps,
         weight_decay=cfg_optim.weight_decay, fused=fused or None, foreach=None if fused else True,
     )
+    float8.watch_optimizer(model, optimizer)  # FP8 all-gathers: their scales after each step
+    return optimizer
 
 
 def warmup_steps(cfg_optim, total_steps: int) -> int:

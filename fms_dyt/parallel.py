@@ -34,6 +34,7 @@ from torch.distributed.distributed_c10d import _world
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from fms_dyt import float8
 from fms_dyt.errors import ConfigError, config_dtype
 
 T = TypeVar("T")
@@ -220,7 +221,12 @@ def checkpointed_blocks(n_layers: int, mode: str, fraction: float) -> list[bool]
 
 
 def apply_parallelism(model: torch.nn.Module, cfg_parallel, mesh: DeviceMesh) -> torch.nn.Module:
-    """Activation checkpointing, per-block compile and FSDP2, in place (parameter names unchanged)."""
+    """FP8 linear layers (``parallel.float8``), activation checkpointing, per-block compile and
+    FSDP2, in place (parameter names unchanged)."""
+    if cfg_parallel.float8 != float8.OFF:  # before sharding and compile, which must see Float8Linear
+        float8.convert(model, cfg_parallel.float8)
+        if cfg_parallel.float8_dyt_static_scale:
+            float8.scale_dyt_outputs(model)
     param_dtype = config_dtype("parallel.param_dtype", cfg_parallel.param_dtype)
     mp = MixedPrecisionPolicy(
         param_dtype=None if param_dtype == torch.float32 else param_dtype,

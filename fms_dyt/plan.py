@@ -94,7 +94,7 @@ def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int, cpu: bool = False
 
 def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len: int,
                      compute_bytes: int, checkpointed: list[bool], final_kind: Optional[str] = None,
-                     cpu: bool = False) -> dict[str, int]:
+                     cpu: bool = False, fp8_normed_inputs: bool = False) -> dict[str, int]:
     """Activation memory of one micro-batch: what forward keeps for backward, the bytes alive at
     the two moments of backward where the step peaks, and the larger. On GPUs, or with ``cpu``
     as the model runs eagerly on a CPU (what :func:`measure_activation_bytes` measures).
@@ -106,11 +106,15 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     the embedding output (kept for the embedding scalar's gradient), the final norm, its output,
     the logits, which the loss keeps for its backward (``fms_dyt.loss.cross_entropy``, the trainer's
     loss: its fp32 work is done in row chunks and in the gradient's own buffer).
+    ``fp8_normed_inputs`` (``parallel.float8_dyt_static_scale``): the FP8 layers keep the normed
+    inputs as the FP8 copy the norm hands them, 1 byte an element. (Without it torchao's
+    ``Float8Linear`` keeps its high-precision input, as a plain linear layer does: no change.)
     """
     p, d, f, L = compute_bytes, args.dim, args.ffn_dim, args.n_layers
     kv_width = args.kv_heads * args.head_dim
     norm = _norm_saved_bytes(norm_kind, d, p, cpu)
-    full_block = 2 * norm + p * (4 * d + 2 * kv_width + 4 * f) + 4 * args.n_heads
+    normed = 2 * d * (1 if fp8_normed_inputs else p)  # the attention's and the FFN's input
+    full_block = 2 * norm + normed + p * (2 * d + 2 * kv_width + 4 * f) + 4 * args.n_heads
     block_input = p * d
     tokens = micro_batch * seq_len
     n_ckpt, ckpt_last = sum(checkpointed), bool(checkpointed) and checkpointed[-1]
@@ -278,8 +282,32 @@ def _unit_params(model: Transformer) -> dict[str, int]:
     return units
 
 
+def float8_layout(model: Transformer, recipe: str, compute: int, seq_len: int) -> dict:
+    """What ``parallel.float8=<recipe>`` changes, from the meta model: the FP8 layers
+    (``fms_dyt.float8.converts``: one block's, counted once per block), their parameters, the
+    share of the training FLOPs that run as FP8 matrix multiplies (``rowwise_with_gw_hp``: two of
+    each layer's three; attention's score FLOPs stay in the compute dtype), and each FSDP unit's all-gather bytes:
+    with ``tensorwise`` FSDP2 gathers an FP8 layer's weight in FP8 (1 byte an element, its scale
+    computed after the optimizer step), the other recipes gather the compute dtype and cast after."""
+    from fms_dyt.float8 import converts
+
+    block = model.layers[0]
+    layers = [m for name, m in block.named_modules() if recipe != "off" and converts(m, f"layers.0.{name}")]
+    fp8_params = sum(m.weight.numel() for m in layers)
+    units = _unit_params(model)
+    gathered = {unit: compute * n for unit, n in units.items()}
+    if recipe == "tensorwise":
+        gathered["block"] -= (compute - 1) * fp8_params
+    n_layers = len(model.layers)
+    fp8_flops = (4 if recipe == "rowwise_with_gw_hp" else 6) * n_layers * fp8_params
+    return {"recipe": recipe, "fp8_layers": n_layers * len(layers), "fp8_params": n_layers * fp8_params,
+            "fp8_flops_fraction": round(fp8_flops / flops_per_token(model.args, seq_len), 4), "gathered_bytes": gathered,
+            "fp8_allgather": recipe == "tensorwise" and bool(layers)}
+
+
 def memory_phases(n_params: int, units: dict[str, int], shard: int, compute: int, reduce: int,
-                  accum: int, defer_grad_sync: bool, acts: dict[str, int]) -> dict[str, dict[str, float]]:
+                  accum: int, defer_grad_sync: bool, acts: dict[str, int],
+                  gathered: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Bytes a rank holds, by category, at each moment of the step where it can peak.
 
     FSDP2 keeps fp32 shards of the parameters and AdamW's two moments for the whole step. With
@@ -290,20 +318,22 @@ def memory_phases(n_params: int, units: dict[str, int], shard: int, compute: int
     all-gathered and the next one's all-gather is in flight, the block's unsharded gradients are
     alive and so is the reduce-scatter input of the unit before it; ``embedding_backward``: all gradients are
     reduced but the embedding's, whose dense gradient and reduce-scatter input are alive;
-    ``update``: clipping and AdamW over the shards.
+    ``update``: clipping and AdamW over the shards. ``gathered``: bytes of each unit's all-gathered
+    parameters (default: its parameters in the compute dtype; FP8 all-gathers make them smaller).
     """
     P, s, c, g = n_params, shard, compute, reduce
+    gathered = gathered or {unit: c * n for unit, n in units.items()}
     block, head, emb = units["block"], units["head"], units["embedding"]
     shards = {"params": 4 * P / s, "optimizer": 8 * P / s}
     earlier = 0 if accum == 1 else (g * P if defer_grad_sync else 4 * P / s)
     reducing = accum == 1 or not defer_grad_sync  # the peak micro-batch reduce-scatters
     return {
-        "loss_backward": {**shards, "params": shards["params"] + c * head, "grads": earlier,
+        "loss_backward": {**shards, "params": shards["params"] + gathered["head"], "grads": earlier,
                           "activations": acts["loss_backward"], "comm": 0},
-        "block_backward": {**shards, "params": shards["params"] + c * block, "grads": earlier + c * block,
+        "block_backward": {**shards, "params": shards["params"] + gathered["block"], "grads": earlier + c * block,
                            "activations": acts["block_backward"],
-                           "comm": c * block + (g * max(block, head) if reducing else 0)},
-        "embedding_backward": {**shards, "params": shards["params"] + c * emb,
+                           "comm": gathered["block"] + (g * max(block, head) if reducing else 0)},
+        "embedding_backward": {**shards, "params": shards["params"] + gathered["embedding"],
                                "grads": max(earlier, 4 * P / s) + c * emb, "activations": 0,
                                "comm": g * emb if reducing else 0},
         "update": {**shards, "grads": 4 * P / s, "activations": 0, "comm": 0},
@@ -358,7 +388,8 @@ def group_nodes(ranks: list[int], gpus_per_node: int) -> int:
 
 def step_communication(units: dict[str, int], n_layers: int, replicas: int, shard: int, gpus_per_node: int,
                        compute: int, reduce: int, accum: int, defer_grad_sync: bool, network: Network,
-                       unit_compute_s: dict[str, tuple[float, float]]) -> dict:
+                       unit_compute_s: dict[str, tuple[float, float]], gathered: dict[str, float] | None = None,
+                       fp8_layers: int = 0) -> dict:
     """FSDP2's collectives in one step of one rank, their link time, and the part compute cannot hide.
 
     FSDP2 units as ``fms_dyt.parallel.apply_parallelism`` lays them out: the root (parameters of
@@ -376,14 +407,18 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
     behind; in backward likewise for the gather of the next unit plus the reduction of the last
     one, and the reductions of the embedding and root (nothing computes after them) are exposed.
     Collectives that overlap one unit's compute share its links: their times add.
-    ``unit_compute_s``: unit -> (forward, backward) seconds of one micro-batch.
+    ``unit_compute_s``: unit -> (forward, backward) seconds of one micro-batch. ``gathered``: bytes
+    of each unit's all-gather (default: its parameters in the compute dtype). ``fp8_layers``: layers
+    whose weights are all-gathered in FP8 (tensorwise), whose scales one all-reduce of one fp32
+    number each computes after the optimizer step.
     """
+    gathered = gathered or {unit: compute * n for unit, n in units.items()}
     shard_nodes = group_nodes(list(range(shard)), gpus_per_node)
     replicate_nodes = group_nodes([r * shard for r in range(replicas)], gpus_per_node)
     root = units["root"]
 
-    def gather(n):
-        return network.seconds("allgather", n * compute, shard, shard_nodes)
+    def gather(nbytes):
+        return network.seconds("allgather", nbytes, shard, shard_nodes)
 
     def reduction(n, last):
         if defer_grad_sync and not last:
@@ -400,7 +435,7 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
     for micro in range(accum):
         last = micro == accum - 1
         counts["allgather"] += len(per_micro_gather)
-        nbytes["allgather"] += sum(units[u] for u in per_micro_gather) * compute
+        nbytes["allgather"] += sum(gathered[u] for u in per_micro_gather)
         if last or not defer_grad_sync:
             counts["reduce_scatter"] += len(names)
             nbytes["reduce_scatter"] += sum(units[u] for u in names) * reduce
@@ -408,18 +443,23 @@ def step_communication(units: dict[str, int], n_layers: int, replicas: int, shar
             counts["allreduce"] += len(names)
             nbytes["allreduce"] += sum(units[u] for u in names) / shard * reduce
         # forward: gathers in order, each hidden behind the unit before it
-        exposed += gather(units[names[0]])
+        exposed += gather(gathered[names[0]])
         for prev, nxt in zip(names, names[1:]):
-            exposed += max(0.0, gather(units[nxt]) - unit_compute_s[prev][0])
+            exposed += max(0.0, gather(gathered[nxt]) - unit_compute_s[prev][0])
         # backward: head, blocks, embedding; the root's and embedding's gradients are reduced last
         order = [u for u in reversed(names) if u != "root"]
         for k, unit in enumerate(order):
             nxt = order[k + 1] if k + 1 < len(order) else None
-            prefetch = gather(units[nxt]) if nxt == "block" else 0.0
+            prefetch = gather(gathered[nxt]) if nxt == "block" else 0.0
             reducing = reduction(units[order[k - 1]], last) if k else 0.0
             exposed += max(0.0, prefetch + reducing - unit_compute_s[unit][1])
         exposed += reduction(units["embedding"], last) + (reduction(root, last) if root else 0.0)
-        comm += gather(sum(units[u] for u in per_micro_gather)) + reduction(sum(units[u] for u in names), last)
+        comm += gather(sum(gathered[u] for u in per_micro_gather)) + reduction(sum(units[u] for u in names), last)
+    if fp8_layers and shard > 1:  # the FP8 weights' scales, after the optimizer step (exposed: nothing overlaps)
+        counts["allreduce"] += 1
+        nbytes["allreduce"] += 4 * fp8_layers
+        scales = network.seconds("allreduce", 4 * fp8_layers, shard, shard_nodes)
+        comm, exposed = comm + scales, exposed + scales
     if shard == 1:  # sharding=none: FSDP2 issues no all-gather or reduce-scatter (as --simulate counts)
         counts["allgather"] = counts["reduce_scatter"] = 0
         nbytes["allgather"] = nbytes["reduce_scatter"] = 0
@@ -448,9 +488,12 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
     reduce = _dtype_bytes("parallel.reduce_dtype", p_cfg.reduce_dtype)
     ckpt = checkpointed_blocks(args.n_layers, p_cfg.activation_checkpointing, p_cfg.ac_fraction)
     norm = norm_args(cfg)
-    acts = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len, compute, ckpt, norm.kind_at("final"))
+    fp8 = float8_layout(model, p_cfg.float8, compute, t.seq_len)
+    static_scale = p_cfg.float8_dyt_static_scale and norm.kind == "dyt" and fp8["fp8_layers"] > 0
+    acts = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len, compute, ckpt, norm.kind_at("final"),
+                            fp8_normed_inputs=static_scale)
     phases = memory_phases(n_params, _unit_params(model), shard, compute, reduce, accum,
-                           p_cfg.defer_grad_sync, acts)
+                           p_cfg.defer_grad_sync, acts, fp8["gathered_bytes"])
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     memory = {**phases[peak_phase], "overhead": overhead_gib * GIB}
     memory_gib = {k: round(v / GIB, 3) for k, v in memory.items()}
@@ -471,10 +514,18 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
               "head": (head_fwd, 2 * head_fwd)}
     compute_s = accum * (args.n_layers * sum(unit_s["block"]) + sum(unit_s["head"]))
     comm = step_communication(_unit_params(model), args.n_layers, replicas, shard, gpus_per_node, compute, reduce,
-                              accum, p_cfg.defer_grad_sync, network, unit_s)
+                              accum, p_cfg.defer_grad_sync, network, unit_s, fp8["gathered_bytes"],
+                              fp8["fp8_layers"] if fp8["fp8_allgather"] else 0)
     step_s = compute_s + comm["exposed_comm_s_per_step"]
     tps_gpu = tokens * accum / step_s
     train_tokens = t.tokens if t.tokens is not None else (t.max_steps * t.global_batch_tokens if t.max_steps else None)
+    # The planner times every matrix multiply at the assumed MFU of the compute dtype. A bound on
+    # what FP8 can give: its FLOPs at twice the peak (H100/H200 dense FP8 vs bf16, NVIDIA's
+    # datasheets; A100 has no FP8: none) at the same MFU, casts and scales free.
+    fp8_share = fp8["fp8_flops_fraction"] if gpu != "a100" else 0.0
+    fp8_bound_s = compute_s * (1 - fp8_share / 2) + comm["exposed_comm_s_per_step"]
+    float8 = {k: v for k, v in fp8.items() if k != "gathered_bytes"}
+    float8.update(dyt_static_scale=static_scale, tokens_per_s_per_gpu_bound=round(tokens * accum / fp8_bound_s, 1))
     return {
         "layout": {
             "nodes": nodes, "gpus_per_node": gpus_per_node, "gpu": gpu, "world_size": world,
@@ -504,6 +555,7 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
         "train_tokens": train_tokens,
         "steps": steps if (t.tokens is not None or t.max_steps is not None) else None,
         "days": round(train_tokens / (tps_gpu * world) / 86400, 3) if train_tokens else None,
+        "float8": float8,
     }
 
 

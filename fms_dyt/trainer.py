@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from fms_dyt import failures, watchdog
+from fms_dyt import failures, float8, watchdog
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
 from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
@@ -242,6 +242,7 @@ def _train(cfg, data, stop: StopRequest) -> int:
     step, tokens_seen = 0, 0
     resumed = ckpt.load_newest(model, optimizer)
     if resumed:
+        float8.precompute_scales(model)  # of the loaded weights (fms_dyt.float8.watch_optimizer)
         path, meta, skipped = resumed
         step, tokens_seen = meta["step"], meta["tokens_seen"]
         data.load_state_dict(meta["data_state"])

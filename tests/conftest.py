@@ -60,6 +60,53 @@ def one_rank(tmp_path):
     dist.destroy_process_group()
 
 
+# ---- SIGKILL and resume on torchrun ranks ------------------------------------------------------
+
+
+def _torchrun(run_dir, *args, nproc=2) -> subprocess.Popen:
+    """``train.py <args> run_dir=<run_dir>`` on ``nproc`` torchrun ranks, output piped."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *args, f"run_dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    """Losses by step. Polled while the trainer writes: a last line without its newline is not read yet."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines(keepends=True)
+    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.endswith("\n"))}
+
+
+def _kill_and_resume(run_dir, args, kill_after: int, resume_step: int, nproc=2) -> str:
+    """Train ``args`` in ``run_dir`` on ``nproc`` ranks, SIGKILL torchrun and every rank once step
+    ``kill_after`` is logged (no chance to save), then run the same command again, which must
+    resume from ``resume_step``; returns its output."""
+    import time
+
+    import psutil
+
+    proc = _torchrun(run_dir, *args, nproc=nproc)
+    deadline = time.time() + 600
+    while not (run_dir / "metrics.jsonl").exists() or kill_after not in _losses(run_dir):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    # torchrun and its ranks (torchrun puts workers in sessions of their own)
+    tree = psutil.Process(proc.pid)
+    for p in [tree, *tree.children(recursive=True)]:
+        p.kill()
+    proc.wait()
+    out, _ = _torchrun(run_dir, *args, nproc=nproc).communicate(timeout=600)
+    assert "resumed from" in out and f"(step {resume_step}," in out, out
+    return out
+
+
+@pytest.fixture
+def killed_runs():
+    """``.torchrun(run_dir, *args, nproc=2)`` (a Popen), ``.losses(run_dir)`` (losses by step of a
+    run's metrics.jsonl) and ``.kill_and_resume(run_dir, args, kill_after, resume_step, nproc=2)``."""
+    return SimpleNamespace(torchrun=_torchrun, losses=_losses, kill_and_resume=_kill_and_resume)
+
+
 # ---- a trained run: resumed, evaluated ------------------------------------------------------
 
 

@@ -120,7 +120,9 @@ def test_gpu_check_dry_run_collects_the_gpu_tests_and_checks_the_benchmarks(tmp_
     result = json.loads(out.read_text())
     assert result["ran_on_gpu"] is False and result["gpu_tests_collected"] >= 2
     assert result["sync_debug_test"] == "tests/test_gpu.py::test_no_device_sync_between_log_steps"
-    assert result["bench"]["benchmarks"] == ["norm", "step", "mfu", "memory"]
+    assert result["bench"]["benchmarks"] == ["norm", "step", "mfu", "memory", "fp8"]
+    assert {"fp8_dyt_bf16", "fp8_dyt_tensorwise", "fp8_rmsnorm_rowwise", "fp8_dyt_tensorwise_static"} <= set(
+        result["bench"]["configs_checked"])  # the FP8 configurations load (torchao importable)
     # The commands a GPU run would make, printed for whoever reads the dry run.
     assert "would run: timeout 120 python -m pytest -q tests/test_gpu.py::test_no_device_sync_between_log_steps" in run.stdout
     assert result["commands"][0].endswith("tests/test_gpu.py::test_no_device_sync_between_log_steps")

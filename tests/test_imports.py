@@ -17,6 +17,8 @@ BELOW = {
     "parallel.py": ["fms_dyt.config", "fms_dyt.trainer"],
     "plan.py": ["fms_dyt.trainer"],
     "errors.py": ["fms_dyt"],
+    # below parallel and config, which import it; torchao only inside its functions
+    "float8.py": ["fms_dyt.config", "fms_dyt.parallel", "fms_dyt.trainer"],
     # the data library; its `python -m fms_dyt.data` entry point composes the training config
     **{f"data/{name}": ["fms_dyt.config", "fms_dyt.trainer"] for name in DATA_LIBRARY},
 }
