@@ -30,6 +30,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from fms_dyt.metrics import read_metrics
 from fms_dyt.norms import norm_sites
 from fms_dyt.parallel import on_rank0
 
@@ -140,8 +141,6 @@ class Telemetry:
         # same first file (with data=pile, the same hub stream)
         telemetry = cls(on_rank0(lambda: fixed_batch(cfg)), interval, total_steps, is_main)
         if resumed and is_main:
-            from fms_dyt.analysis.runs import read_metrics
-
             telemetry.replay(read_metrics(Path(cfg.run_dir) / "metrics.jsonl").records)
         return telemetry
 

@@ -25,7 +25,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from fms_dyt import failures, watchdog
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
-from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
+from fms_dyt.config import model_args, norm_args, schedule, validate
+from fms_dyt.errors import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, refuse
 from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
@@ -33,7 +34,7 @@ from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize, use_step_timeout
 from fms_dyt.preflight import PreflightError, preflight
 from fms_dyt.resume import check_same_run
-from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
+from fms_dyt.stop import StopRequest
 from fms_dyt.validation import build_validation
 from fms_dyt.telemetry import Telemetry
 from fms_dyt.watchdog import Watchdog
@@ -346,20 +347,19 @@ def main(cfg) -> None:
     try:
         code = train(cfg)
     except ConfigError as e:
-        print(f"fms-dyt: configuration error: {e}", file=sys.stderr)
-        code = failures.note_exit(cfg.run_dir, failures.EXIT_CONFIG, e)
+        code = failures.note_exit(cfg.run_dir, refuse("fms-dyt", e), e)
     except NonFiniteError as e:
         print(f"fms-dyt: the run diverged: {e}", file=sys.stderr)
-        code = failures.note_exit(cfg.run_dir, failures.EXIT_DIVERGED, e)
+        code = failures.note_exit(cfg.run_dir, EXIT_DIVERGED, e)
     except (CheckpointError, PreflightError) as e:
         print(f"fms-dyt: {e}", file=sys.stderr)
-        code = failures.note_exit(cfg.run_dir, getattr(e, "exit_code", 1), e)
+        code = failures.note_exit(cfg.run_dir, getattr(e, "exit_code", EXIT_ERROR), e)
     except KeyboardInterrupt:
         print(f"\nfms-dyt: stopped at once by a second Ctrl-C; the newest checkpoint in {cfg.run_dir}/checkpoints "
               "is where the same command resumes", file=sys.stderr)
         code = failures.note_exit(cfg.run_dir, EXIT_INTERRUPTED)
     except Exception as e:  # recorded (a hung rank's stacks dumped first), then raised as before
-        failures.note_exit(cfg.run_dir, 1, e)
+        failures.note_exit(cfg.run_dir, EXIT_ERROR, e)
         raise
     else:
         failures.note_exit(cfg.run_dir, code)
