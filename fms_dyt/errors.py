@@ -1,5 +1,5 @@
 """The bottom of fms-dyt's imports: the exit codes of every command, the one-line report of a
-refused command, the configuration error and the config value checks that modules below
+refused command, counts in words for messages, the configuration error and the config value checks that modules below
 ``fms_dyt.config`` (``parallel``, ``plan``) share. Imports only the standard library (torch on
 first use), so the batch-node supervisor ``fms_dyt.failures`` can use it too."""
 
@@ -33,6 +33,11 @@ def refuse(prog: str, error: BaseException | str) -> int:
     what = "configuration error" if isinstance(error, ConfigError) else "error"
     print(f"{prog}: {what}: {error}", file=sys.stderr)
     return EXIT_CONFIG
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """A count and its noun in correct English: ``1 rank``, ``16 ranks``, ``2 matches`` (``plural``)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def config_dtype(key: str, name: str) -> "torch.dtype":

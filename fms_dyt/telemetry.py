@@ -54,7 +54,7 @@ def fixed_batch(cfg) -> torch.Tensor:
     from fms_dyt.data.config import DataConfig, as_config
     from fms_dyt.data.pipeline import PackedLoader
 
-    one_reader = replace(as_config(cfg.data, DataConfig), num_workers=0)
+    one_reader = replace(as_config(cfg.data, DataConfig), num_workers=0, readers=None)
     loader = PackedLoader(one_reader, cfg.tokenizer, seq_len=cfg.train.seq_len,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=0, world_size=1)
     inputs, _ = next(iter(loader))

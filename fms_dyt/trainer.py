@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from fms_dyt import failures, watchdog
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from fms_dyt.config import model_args, norm_args, schedule, validate
-from fms_dyt.errors import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, refuse
+from fms_dyt.errors import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, counted, refuse
 from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
@@ -227,9 +227,10 @@ def _train(cfg, data, stop: StopRequest) -> int:
     if d.is_main:
         alpha0 = norm.alpha0()
         alphas = "; alpha0 " + ", ".join(f"{site} {a:.4g}" for site, a in alpha0.items()) if alpha0 else ""
-        log.info("model %s, norm %s: %s parameters%s; embedding scalar %s; %d steps, %d micro-batches a step on %d ranks",
+        log.info("model %s, norm %s: %s parameters%s; embedding scalar %s; %s, %s a step on %s",
                  cfg.model.name, norm.description(), f"{count_parameters(model)['total']:,}", alphas,
-                 "on" if norm.embedding_scale else "off", total_steps, accum, d.world_size)
+                 "on" if norm.embedding_scale else "off", counted(total_steps, "step"),
+                 counted(accum, "micro-batch", "micro-batches"), counted(d.world_size, "rank"))
     optimizer = build_optimizer(model, cfg.optim)
     if data is None:
         from fms_dyt.data import build_dataloader
@@ -247,9 +248,9 @@ def _train(cfg, data, stop: StopRequest) -> int:
         step, tokens_seen = meta["step"], meta["tokens_seen"]
         data.load_state_dict(meta["data_state"])
         if d.is_main:
-            log.info("resumed from %s (step %d, %s tokens, saved on %d ranks)%s", path, step, f"{tokens_seen:,}",
-                     meta["world_size"], f"; skipped {len(skipped)} newer checkpoint(s) that cannot be loaded"
-                     if skipped else "")
+            log.info("resumed from %s (step %d, %s, saved on %s)%s", path, step, counted(tokens_seen, "token"),
+                     counted(meta["world_size"], "rank"), f"; skipped {counted(len(skipped), 'newer checkpoint')} that "
+                     "cannot be loaded" if skipped else "")
     elif d.is_main:
         log.info("starting fresh at step 1: no checkpoint in %s", run_dir / "checkpoints")
 

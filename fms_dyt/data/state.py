@@ -1,6 +1,7 @@
 """Logical shards, their per-epoch assignment to readers, and the small resumable data state.
 
-Vocabulary. A *reader* is one DataLoader worker of one rank (``reader = rank * workers + worker``).
+Vocabulary. A *reader* is one of the ``data.readers`` streams of a rank (``reader = rank * readers
+per rank + r``), played by one of its DataLoader workers.
 Each file is cut into ``K = ceil(num_logical_shards / files)`` *pieces*: row ``i`` of file ``f``
 belongs to piece ``f * K + slot(i)``, where ``slot`` spreads consecutive rows evenly over the K
 slots (Fibonacci hashing), so a file is split inside when there are fewer files than readers.
