@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from fms_dyt.data.config import DataConfig, TokenizerConfig, validate_data
 from fms_dyt.errors import ConfigError  # noqa: F401  (fms_dyt.config.ConfigError for the CLIs)
 from fms_dyt.model import ModelArgs
-from fms_dyt.norms import NORMS, NormArgs, alpha_from_table
+from fms_dyt.norms import NORMS, NormArgs, alpha_from_table, auto_final_gamma0
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -41,6 +41,9 @@ class NormConfig:
     shift0: float = 0.0  # Derf's initial s
     embedding_scale: bool = False
     impl: str = "fused"
+    # initial value of the final norm's per-channel scale γ, any kind: a number, or "auto" (keep the
+    # initial logit scale of the paper's width-4096 model: fms_dyt.norms.auto_final_gamma0)
+    final_gamma0: Any = 1.0
 
 
 @dataclass
@@ -183,13 +186,29 @@ def norm_args(cfg: DictConfig) -> NormArgs:
     n = cfg.norm
     # get: the config.yaml of a checkpoint written before norm.final (or shift0) existed has no such key
     args = NormArgs(kind=n.name, final=n.get("final"), eps=cfg.model.norm_eps, beta=n.beta,
-                    shift0=n.get("shift0", 0.0), embedding_scale=n.embedding_scale, impl=n.impl)
+                    shift0=n.get("shift0", 0.0), embedding_scale=n.embedding_scale, impl=n.impl,
+                    final_gamma0=final_gamma0(cfg))
     sites = args.pointwise_sites()  # α₀ only where a point-wise norm is
     attn, other = alpha_from_table(n.alpha_table, cfg.model.dim) if sites and n.alpha_table else (None, None)
     for site in sites:
         given = n[f"alpha_{site}"]
         setattr(args, f"alpha_{site}", given if given is not None else (attn if site == "attn" else other))
     return args
+
+
+def final_gamma0(cfg) -> float:
+    """``norm.final_gamma0`` as a number: ``auto`` resolved for the model's width and init_std."""
+    given = cfg.norm.get("final_gamma0", 1.0)  # absent from configs written before it existed
+    if given == "auto":
+        return auto_final_gamma0(cfg.model.dim, cfg.model.init_std)
+    try:
+        value = float(given)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value > 0:
+        raise ConfigError(f"norm.final_gamma0={given!r} must be a number > 0 (the final norm's initial scale γ₀; "
+                          "1 is the paper's) or auto")
+    return value
 
 
 def schedule(cfg, world_size: int) -> tuple[int, int]:
@@ -275,6 +294,8 @@ def _value_rules(cfg: DictConfig) -> list[tuple[str, Any, bool, str]]:
         ("model.norm_eps", m.norm_eps, _positive, "> 0", False),
         ("model.rope_theta", m.rope_theta, _positive, "> 0", False),
         ("model.init_std", m.init_std, _positive, "> 0", False),
+        ("model.output_multiplier", m.get("output_multiplier", 1.0), _positive,
+         "a finite number > 0 (the fixed multiplier of the final norm's output; 1: none)", False),
         ("watchdog.step_factor", cfg.watchdog.step_factor, _at_least_1, ">= 1 (times the median step time)", False),
         ("watchdog.min_s", cfg.watchdog.min_s, _positive, "> 0 seconds", False),
         ("watchdog.startup_s", cfg.watchdog.startup_s, _positive, "> 0 seconds (or null: parallel.init_timeout_s)", True),

@@ -129,6 +129,8 @@ def _write(model, out: Path, fmt: str, tokenizer) -> None:
         from transformers import LlamaForCausalLM
 
         llama = LlamaForCausalLM(hf.llama_config(args, norm))
+        # LLaMA has no output multiplier: a fixed one is folded into the head (same logits)
+        state["output.weight"] = state["output.weight"] * args.output_multiplier
         llama.load_state_dict(hf.to_llama_state_dict(state))
         llama.save_pretrained(out)
     else:

@@ -34,6 +34,9 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # A fixed (unlearned) multiplier on the final norm's output, i.e. on the logits: the alternative
+    # to a larger norm.final_gamma0 that fms_dyt.study final-scale compares it with (docs/science.md)
+    output_multiplier: float = 1.0
 
     @property
     def kv_heads(self) -> int:
@@ -148,7 +151,10 @@ class Transformer(nn.Module):
             h = h * self.embedding_scale.to(h.dtype)
         for layer in self.layers:
             h = layer(h, rope, cache, mask)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if self.args.output_multiplier != 1.0:
+            h = h * self.args.output_multiplier
+        return self.output(h)
 
     # ---- initialisation -------------------------------------------------------------------
     def initial_value(self, name: str, param: torch.Tensor, seed: int) -> torch.Tensor:

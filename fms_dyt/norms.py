@@ -35,10 +35,16 @@ class NormArgs:
     shift0: float = 0.0  # Derf only: initial value of s, the learnable scalar inside erf
     embedding_scale: bool = False  # learnable scalar on the embeddings, initialised to √dim
     impl: str = "fused"  # DyT only: "fused" (ops.dyt), "eager" (plain formula) or "liger"
+    final_gamma0: float = 1.0  # initial value of the final norm's per-channel scale γ (every kind)
 
     def kind_at(self, site: str) -> str:
         """The kind of norm at a site ("attn", "ffn" or "final")."""
         return (self.final or self.kind) if site == "final" else self.kind
+
+    def gamma0(self, site: str) -> float:
+        """The initial value of the per-channel scale γ at a site: ``final_gamma0`` for the final
+        norm, 1 in the blocks."""
+        return self.final_gamma0 if site == "final" else 1.0
 
     def kinds(self) -> set[str]:
         """Every kind of norm in the model."""
@@ -61,9 +67,9 @@ class NormArgs:
 class RMSNorm(nn.Module):
     """LLaMA's RMSNorm; statistics are computed in fp32 whatever the input dtype."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, site: Optional[str] = None):
+    def __init__(self, dim: int, eps: float = 1e-5, site: Optional[str] = None, gamma0: float = 1.0):
         super().__init__()
-        self.eps, self.site = eps, site
+        self.eps, self.site, self.gamma0 = eps, site, float(gamma0)
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
@@ -77,7 +83,7 @@ class RMSNorm(nn.Module):
 
     def initial_state(self, device=None) -> dict[str, torch.Tensor]:
         """The initial value of every parameter, by name (fp32)."""
-        return {"weight": torch.ones(self.weight.shape, device=device)}
+        return {"weight": torch.full(self.weight.shape, self.gamma0, device=device)}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -92,11 +98,12 @@ class DyT(nn.Module):
     # almost no gradient (fms_dyt.telemetry counts such inputs as saturated)
     saturated_above = 2.0
 
-    def __init__(self, dim: int, alpha0: float, beta: bool = False, impl: str = "fused", site: Optional[str] = None):
+    def __init__(self, dim: int, alpha0: float, beta: bool = False, impl: str = "fused", site: Optional[str] = None,
+                 gamma0: float = 1.0):
         super().__init__()
         if impl not in DYT_IMPLS:
             raise ValueError(f"norm.impl={impl!r} is not one of {sorted(DYT_IMPLS)}")
-        self.alpha0, self.impl, self.site = float(alpha0), impl, site
+        self.alpha0, self.impl, self.site, self.gamma0 = float(alpha0), impl, site, float(gamma0)
         self.alpha = nn.Parameter(torch.empty(1))
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if beta else None
@@ -114,9 +121,9 @@ class DyT(nn.Module):
         return DYT_IMPLS[self.impl](x, self.alpha, self.weight, self.bias)
 
     def initial_state(self, device=None) -> dict[str, torch.Tensor]:
-        """The initial value of every parameter, by name (fp32): α₀, ones, zeros."""
+        """The initial value of every parameter, by name (fp32): α₀, γ₀ (1 but at the final site), zeros."""
         state = {"alpha": torch.full((1,), self.alpha0, device=device),
-                 "weight": torch.ones(self.weight.shape, device=device)}
+                 "weight": torch.full(self.weight.shape, self.gamma0, device=device)}
         if self.bias is not None:
             state["bias"] = torch.zeros(self.bias.shape, device=device)
         return state
@@ -139,9 +146,9 @@ class Derf(nn.Module):
     formula = "erf(αx + s)"
     saturated_above = _ERF_SATURATED_ABOVE
 
-    def __init__(self, dim: int, alpha0: float, shift0: float = 0.0, site: Optional[str] = None):
+    def __init__(self, dim: int, alpha0: float, shift0: float = 0.0, site: Optional[str] = None, gamma0: float = 1.0):
         super().__init__()
-        self.alpha0, self.shift0, self.site = float(alpha0), float(shift0), site
+        self.alpha0, self.shift0, self.site, self.gamma0 = float(alpha0), float(shift0), site, float(gamma0)
         self.alpha = nn.Parameter(torch.empty(1))
         self.shift = nn.Parameter(torch.empty(1))
         self.weight = nn.Parameter(torch.empty(dim))
@@ -160,10 +167,10 @@ class Derf(nn.Module):
         return (self.weight * self.normalize(x) + self.bias).to(x.dtype)
 
     def initial_state(self, device=None) -> dict[str, torch.Tensor]:
-        """The initial value of every parameter, by name (fp32): α₀, s₀, ones, zeros."""
+        """The initial value of every parameter, by name (fp32): α₀, s₀, γ₀ (1 but at the final site), zeros."""
         return {"alpha": torch.full((1,), self.alpha0, device=device),
                 "shift": torch.full((1,), self.shift0, device=device),
-                "weight": torch.ones(self.weight.shape, device=device),
+                "weight": torch.full(self.weight.shape, self.gamma0, device=device),
                 "bias": torch.zeros(self.bias.shape, device=device)}
 
     @torch.no_grad()
@@ -195,9 +202,9 @@ DYT_IMPLS = {"fused": dyt, "eager": _dyt_eager, "liger": _dyt_liger}
 
 # The norm registry: kind -> builder(dim, site, args). A new norm is one entry here.
 NORMS = {
-    "rmsnorm": lambda dim, site, a: RMSNorm(dim, a.eps, site=site),
-    "dyt": lambda dim, site, a: DyT(dim, getattr(a, f"alpha_{site}"), a.beta, a.impl, site=site),
-    "derf": lambda dim, site, a: Derf(dim, getattr(a, f"alpha_{site}"), a.shift0, site=site),
+    "rmsnorm": lambda dim, site, a: RMSNorm(dim, a.eps, site=site, gamma0=a.gamma0(site)),
+    "dyt": lambda dim, site, a: DyT(dim, getattr(a, f"alpha_{site}"), a.beta, a.impl, site=site, gamma0=a.gamma0(site)),
+    "derf": lambda dim, site, a: Derf(dim, getattr(a, f"alpha_{site}"), a.shift0, site=site, gamma0=a.gamma0(site)),
 }
 # The point-wise kinds: a learnable α per layer whose α₀ is resolved per site (norm.alpha_<site> or
 # the width table), and the telemetry interface preactivation(x) / saturated_above.
@@ -226,6 +233,19 @@ def norm_sites(model: nn.Module) -> dict[str, nn.Module]:
         elif site in SITES:
             sites[f"{site}/{name.split('.')[-2]}"] = module  # name: layers.<i>.<attribute>
     return sites
+
+
+# The logit RMS at initialisation of the paper's width-4096 models (W_out std 0.02, final γ 1): the
+# scale that `norm.final_gamma0=auto` keeps at every width (docs/science.md, "The output scale").
+REFERENCE_LOGIT_RMS = 0.02 * math.sqrt(4096)
+
+
+def auto_final_gamma0(width: int, init_std: float) -> float:
+    """``norm.final_gamma0=auto``: the final γ₀ that starts the logits at the scale of the paper's
+    width-4096 model, γ₀ · init_std · √width = 0.02 · √4096, and never below the paper's 1 — so
+    1 at width 4096 and above (7B–70B, as the paper trains them), √(4096 / width) below it at the
+    default init_std 0.02 (8 at width 64, 4 at 256)."""
+    return max(1.0, REFERENCE_LOGIT_RMS / (init_std * math.sqrt(width)))
 
 
 def alpha_from_table(table: Sequence[Sequence[float]], width: int) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""``python -m fms_dyt.study norms|alpha0-width [--seeds 2] [--preset cpu|gpu] [--jobs J] [--out DIR] [overrides...]``
+"""``python -m fms_dyt.study norms|alpha0-width|final-scale [--seeds 2] [--preset cpu|gpu] [--jobs J] [--out DIR] [overrides...]``
 
 Controlled comparisons, one command each (docs/science.md):
 
@@ -9,6 +9,10 @@ Controlled comparisons, one command each (docs/science.md):
   final metric (mean and spread over seeds), tokens and wall time, and fms_dyt.analyze's figures.
 - ``alpha0-width``: the paper's Table 5 question at small scale: the same α₀ probe at several
   widths (fixed depth), the best α₀ per width, and whether it falls with width.
+- ``final-scale``: the output-scale question: all-DyT and RMSNorm at several widths over a grid of
+  the final norm's initial scale (``norm.final_gamma0``: 1, the rule's ``auto`` value, half and
+  twice it), the best γ₀ per width for each, a fixed logit multiplier in place of γ₀, and at the
+  widest width each kind at its best learning rate of a small grid.
 
 Runs whose run directory already holds its final checkpoint are not run again, so the same
 command resumes an interrupted study. Overrides after the preset's apply to every run.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, replace
@@ -44,6 +49,8 @@ NORM_VARIANTS = (
     Variant(PROBED, ("norm=dyt",)),
     Variant("derf", ("norm=derf",)),
     Variant("dyt_final_rmsnorm", ("norm=dyt", "norm.final=rmsnorm")),
+    Variant("rmsnorm_auto", ("norm=rmsnorm", "norm.final_gamma0=auto")),
+    Variant("dyt_auto", ("norm=dyt", "norm.final_gamma0=auto")),
 )
 # The α₀ question is asked of DyT blocks with a scale-free final norm: an all-DyT model at these
 # widths saturates its final norm within ~30 steps whatever α₀ (docs/quickstart.md), which would
@@ -61,6 +68,8 @@ class Preset:
     width_steps: int  # of each probe of alpha0-width
     width_grid: tuple[float, ...]  # of alpha0-width: wider, as its optimum moves
     jobs: int  # runs at a time
+    scale_steps: int = 100  # of each final-scale run (at the preset's widths)
+    scale_lrs: tuple[float, ...] = (1e-3, 3e-3)  # final-scale's lr grid at the widest width (the preset's lr among them)
 
 
 PRESETS = {
@@ -81,7 +90,8 @@ PRESETS = {
                    "logging.console_interval=50", "logging.telemetry_interval=50",
                    "validation.interval=100", "validation.tokens=1048576"),
         steps=2000, probe_steps=300, grid=(0.25, 0.5, 1.0, 2.0, 4.0),
-        widths=(256, 512, 1024), width_steps=500, width_grid=(0.25, 0.5, 1.0, 2.0, 4.0), jobs=1),
+        widths=(256, 512, 1024), width_steps=500, width_grid=(0.25, 0.5, 1.0, 2.0, 4.0), jobs=1,
+        scale_steps=2000, scale_lrs=(3e-4, 1e-3, 3e-3)),
 }
 
 
@@ -331,20 +341,222 @@ def width_report(study: Study, rows: Sequence[dict]) -> str:
     ]) + "\n"
 
 
+# ---- final-scale ----------------------------------------------------------------------------
+
+SCALE_KINDS = ("dyt", "rmsnorm")  # every norm DyT (the paper's model), and its RMSNorm twin
+LOSS_MARGIN = 0.05  # all-DyT "matches" RMSNorm when its mean ends at most this far above
+HALF_SATURATED = 0.5
+
+
+def resolved(study: Study, overrides: Sequence[str]):
+    from fms_dyt.config import load_config
+
+    return load_config([*study.base(), *overrides])
+
+
+def gamma_grid(study: Study, width: int) -> list[tuple[str, float]]:
+    """(override, γ₀) of the grid at ``width``: 1, the rule's value (``auto``), half and twice it;
+    a value that rounds to one already in the grid is left out."""
+    from fms_dyt.config import final_gamma0
+
+    auto = final_gamma0(resolved(study, [*width_overrides(width), "norm.final_gamma0=auto"]))
+    grid: dict[float, str] = {round(auto, 3): "auto"}
+    for value in (1.0, auto / 2, 2 * auto):
+        grid.setdefault(round(value, 3), f"{value:.4g}")
+    return sorted(((label, value) for value, label in grid.items()), key=lambda g: g[1])
+
+
+def scale_variant(width: int, kind: str, gamma: str, extra: Sequence[str] = (), tag: str = "") -> Variant:
+    return Variant(f"w{width}_{kind}_g{gamma}{tag}",
+                   (*width_overrides(width), f"norm={kind}", f"norm.final_gamma0={gamma}", *extra))
+
+
+def final_saturation(run_dir: Path) -> Optional[float]:
+    """The largest fraction of saturated inputs over the norm sites at the run's last telemetry pass."""
+    path = run_dir / "metrics.jsonl"
+    last = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            fractions = [v for k, v in record.items() if k.startswith("telemetry/saturated/")]
+            if fractions:
+                last = max(fractions)
+    return last
+
+
+def run_final_scale(study: Study, widths: Sequence[int], echo=print) -> dict:
+    """The γ₀ grid of both kinds at every width, the multiplier at ``auto``'s value (all-DyT), then
+    the lr grid at the widest width with each kind's best γ₀; the report."""
+    grids = {w: gamma_grid(study, w) for w in widths}
+    auto = {w: next(v for label, v in grids[w] if label == "auto") for w in widths}
+    variants = [scale_variant(w, kind, label) for w in sorted(widths, reverse=True)  # the slowest runs first
+                for kind in SCALE_KINDS for label, _ in grids[w]]
+    variants += [scale_variant(w, "dyt", "1", (f"model.output_multiplier={auto[w]:.4g}",), "_multiplier")
+                 for w in sorted(widths, reverse=True)]
+    rows = _scale_rows(study, variants, echo)
+    widest = max(widths)
+    base_lr = resolved(study, []).optim.lr
+    lr_variants = []
+    for kind in SCALE_KINDS:
+        best = _best(rows, widest, kind)
+        if best is not None:
+            lr_variants += [scale_variant(widest, kind, best["gamma_label"], (f"optim.lr={lr:g}",), f"_lr{lr:g}")
+                            for lr in study.preset.scale_lrs if not math.isclose(lr, base_lr)]
+    rows += _scale_rows(study, lr_variants, echo)
+    for r in rows:
+        r["lr"] = next((float(o.split("=")[1]) for o in r["overrides"] if o.startswith("optim.lr=")), base_lr)
+    return write_report(study, rows, scale_report(study, rows, widths, grids, base_lr))
+
+
+def _scale_rows(study: Study, variants: Sequence[Variant], echo) -> list[dict]:
+    runs = {v: [study.run(v, seed) for seed in study.seed_list()] for v in variants}
+    results = {r.probe.name: r for r in run_probes([p for ps in runs.values() for p in ps], study.metric, study.jobs, echo)}
+    rows = []
+    for v, probes in runs.items():
+        width, kind, gamma = v.name.split("_")[:3]
+        done = [results[p.name] for p in probes]
+        saturation = [final_saturation(p.run_dir) for p in probes]
+        rows.append({**variant_row(v.name, done), "width": int(width[1:]), "kind": kind, "gamma_label": gamma[1:],
+                     "multiplier": "_multiplier" in v.name, "overrides": list(v.overrides),
+                     "gamma0": _gamma_of(study, v), "max_saturated": max((x for x in saturation if x is not None),
+                                                                         default=None)})
+    return rows
+
+
+def _gamma_of(study: Study, v: Variant) -> float:
+    from fms_dyt.config import final_gamma0, model_args
+
+    cfg = resolved(study, v.overrides)
+    return final_gamma0(cfg) * model_args(cfg).output_multiplier
+
+
+def _grid_rows(rows: Sequence[dict], width: int, kind: str) -> list[dict]:
+    """The γ₀ grid of one kind at one width, at the preset's lr, in γ₀ order."""
+    return sorted((r for r in rows if r["width"] == width and r["kind"] == kind and not r["multiplier"]
+                   and not any(o.startswith("optim.lr=") for o in r["overrides"])), key=lambda r: r["gamma0"])
+
+
+def _best(rows: Sequence[dict], width: int, kind: str) -> Optional[dict]:
+    done = [r for r in _grid_rows(rows, width, kind) if r["mean"] is not None]
+    return min(done, key=lambda r: r["mean"]) if done else None
+
+
+def _mean_sd(r: Optional[dict]) -> str:
+    if r is None or r["mean"] is None:
+        return "FAILED"
+    return f"{r['mean']:.3f} ± {_fmt(r['sd'])}" + (f" (range {r['range']:.3f})" if r["range"] is not None else "")
+
+
+def _auto_row(rows: Sequence[dict], width: int, kind: str) -> Optional[dict]:
+    return next((r for r in _grid_rows(rows, width, kind) if r["gamma_label"] == "auto"), None)
+
+
+def scale_report(study: Study, rows: Sequence[dict], widths: Sequence[int], grids: dict, base_lr: float) -> str:
+    study.out.mkdir(parents=True, exist_ok=True)
+    grid_lines = ["| width | γ₀ | all-DyT final val/loss (mean ± sd) | all-DyT max saturated at the end | "
+                  "RMSNorm final val/loss (mean ± sd) |", "|---|---|---|---|---|"]
+    summary = ["| width | auto γ₀ | best γ₀ all-DyT | auto within a grid step? | best γ₀ RMSNorm | "
+               "auto within a grid step? | all-DyT − RMSNorm at auto | at each one's best γ₀ | "
+               "all-DyT at auto: max saturated |", "|---|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for w in sorted(widths):
+        dyt, rms = _grid_rows(rows, w, "dyt"), _grid_rows(rows, w, "rmsnorm")
+        by_gamma = {r["gamma_label"]: r for r in rms}
+        for r in dyt:
+            label = "auto (" + f"{r['gamma0']:.3g})" if r["gamma_label"] == "auto" else r["gamma_label"]
+            grid_lines.append(f"| {w} | {label} | {_mean_sd(r)} | {_pct(r['max_saturated'])} | "
+                              f"{_mean_sd(by_gamma.get(r['gamma_label']))} |")
+        labels = [label for label, _ in grids[w]]
+        cells, auto_d, auto_r = [], _auto_row(rows, w, "dyt"), _auto_row(rows, w, "rmsnorm")
+        for kind in SCALE_KINDS:
+            best = _best(rows, w, kind)
+            near = "—" if best is None else ("yes" if abs(labels.index(best["gamma_label"]) - labels.index("auto")) <= 1
+                                             else "no")
+            cells += ["—" if best is None else f"{best['gamma0']:.3g} ({best['mean']:.3f})", near]
+        gap = _gap(auto_d, auto_r)
+        best_gap = _gap(_best(rows, w, "dyt"), _best(rows, w, "rmsnorm"))
+        summary.append(f"| {w} | {grids[w][labels.index('auto')][1]:.3g} | {' | '.join(cells)} | {_fmt(gap)} | "
+                       f"{_fmt(best_gap)} | {_pct(auto_d and auto_d['max_saturated'])} |")
+        if gap is not None:
+            saturated = auto_d["max_saturated"]
+            ok = gap <= LOSS_MARGIN and saturated is not None and saturated <= HALF_SATURATED
+            verdicts.append(f"- width {w}: all-DyT with `norm.final_gamma0=auto` ends {gap:+.3f} nats from RMSNorm "
+                            f"with the same setting, at most {_pct(auto_d['max_saturated'])} of a site saturated: "
+                            + ("**matches** (within +{:.2f}, at most half saturated)".format(LOSS_MARGIN) if ok
+                               else "**does not match**"))
+    multiplier = ["| width | γ₀ = auto, learned (mean ± sd) | γ₀ = 1 and a fixed multiplier of the same value |",
+                  "|---|---|---|"]
+    for w in sorted(widths):
+        fixed = next((r for r in rows if r["width"] == w and r["multiplier"]), None)
+        multiplier.append(f"| {w} | {_mean_sd(_auto_row(rows, w, 'dyt'))} | {_mean_sd(fixed)} |")
+    widest = max(widths)
+    lr_lines = ["| kind | γ₀ (its best) | lr | final val/loss (mean ± sd) |", "|---|---|---|---|"]
+    best_at_lr = {}
+    for kind in SCALE_KINDS:
+        best = _best(rows, widest, kind)
+        if best is None:
+            continue
+        tried = [r for r in rows if r["width"] == widest and r["kind"] == kind and not r["multiplier"]
+                 and r["gamma_label"] == best["gamma_label"]]
+        for r in sorted(tried, key=lambda r: r["lr"]):
+            lr_lines.append(f"| {kind} | {r['gamma0']:.3g} | {r['lr']:g} | {_mean_sd(r)} |")
+        done = [r for r in tried if r["mean"] is not None]
+        best_at_lr[kind] = min(done, key=lambda r: r["mean"]) if done else None
+    lr_gap = _gap(best_at_lr.get("dyt"), best_at_lr.get("rmsnorm"))
+    figures = []
+    for w in sorted(widths):
+        chosen = [r for r in rows if r["width"] == w and not r["multiplier"] and r["lr"] == base_lr
+                  and r["gamma_label"] in ("1", "auto")]
+        results = [Result(study.run(Variant(r["variant"], tuple(r["overrides"])), seed), None)
+                   for r in chosen for seed in study.seed_list()]
+        fig, drawn = curves_figure(results, study.metric.key)
+        if drawn:
+            fig.savefig(study.out / f"curves_w{w}.png", dpi=110)
+            figures.append(f"![width {w}: γ₀ 1 and auto, both kinds](curves_w{w}.png)")
+    failed = [f"- {r['variant']}: {e}" for r in rows for e in r["failed"]]
+    parts = [
+        "# fms-dyt study: the output scale (norm.final_gamma0)\n",
+        f"Seeds {', '.join(map(str, study.seed_list()))}; each run `python train.py {' '.join(study.base())} "
+        f"model.dim=W model.ffn_dim=3W norm=KIND norm.final_gamma0=G train.max_steps={study.preset.steps} seed=S`, "
+        f"lr {base_lr:g} unless the row says otherwise. Ranked by {study.metric.describe()}. `auto` is "
+        "max(1, 0.02·√4096 / (init_std·√W)): the initial logit scale of the paper's width-4096 model.\n",
+        "## The grid\n", "\n".join(grid_lines),
+        "\n## Per width\n", "\n".join(summary), "", "\n".join(verdicts),
+        "\n## A fixed logit multiplier instead of a larger γ₀ (all-DyT)\n", "\n".join(multiplier),
+        f"\n## Learning rate at width {widest}, each kind at its best γ₀\n", "\n".join(lr_lines),
+        "" if lr_gap is None else f"\nAt each one's best lr: all-DyT − RMSNorm = {lr_gap:+.3f} nats.",
+        "\n## Curves\n", "\n".join(figures) or "no run logged the metric: no curves",
+    ]
+    if failed:
+        parts += ["\n## Failed runs\n", "\n".join(failed)]
+    return "\n".join(p for p in parts if p is not None) + "\n"
+
+
+def _gap(dyt: Optional[dict], rms: Optional[dict]) -> Optional[float]:
+    if dyt is None or rms is None or dyt["mean"] is None or rms["mean"] is None:
+        return None
+    return dyt["mean"] - rms["mean"]
+
+
+def _pct(fraction: Optional[float]) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 
 def parse_args(argv: Optional[list[str]] = None):
     p = argparse.ArgumentParser(prog="python -m fms_dyt.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=["norms", "alpha0-width"])
+    p.add_argument("study", choices=["norms", "alpha0-width", "final-scale"])
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the preset's")
     p.add_argument("--seeds", type=int, default=2, help="seeds per variant (norms; default 2)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="run sizes (default cpu)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/study_<study>)")
     p.add_argument("--variants", default=None,
                    help=f"norms: a comma-separated subset of {','.join(v.name for v in NORM_VARIANTS)} (default all)")
-    p.add_argument("--widths", default=None, help="alpha0-width: comma-separated widths (default: the preset's)")
+    p.add_argument("--widths", default=None,
+                   help="alpha0-width, final-scale: comma-separated widths (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="steps per study run (default: the preset's)")
     p.add_argument("--probe-steps", type=int, default=None, help="steps per α₀ probe of this study (default: the preset's)")
     p.add_argument("--grid", default=None, help="α₀ values of this study's probes (default: the preset's)")
@@ -360,7 +572,8 @@ def parse_args(argv: Optional[list[str]] = None):
     except ValueError as e:
         p.error(str(e))
     probe = ("width_grid", "width_steps") if ns.study == "alpha0-width" else ("grid", "probe_steps")
-    preset = replace(preset, steps=ns.steps or preset.steps, **{probe[0]: grid or getattr(preset, probe[0]),
+    default_steps = preset.scale_steps if ns.study == "final-scale" else preset.steps
+    preset = replace(preset, steps=ns.steps or default_steps, **{probe[0]: grid or getattr(preset, probe[0]),
                                                                 probe[1]: ns.probe_steps or getattr(preset, probe[1])})
     if ns.seeds < 1:
         p.error(f"--seeds={ns.seeds} must be at least 1 (2 or more give a spread)")
@@ -384,8 +597,10 @@ def parse_args(argv: Optional[list[str]] = None):
 
 def main(argv: Optional[list[str]] = None) -> int:
     ns, study = parse_args(argv)
-    done, code = run_command("fms_dyt.study", lambda: run_norms(study, ns.variant_list) if ns.study == "norms"
-                             else run_alpha0_width(study, ns.width_list), TuneError)
+    studies = {"norms": lambda: run_norms(study, ns.variant_list),
+               "alpha0-width": lambda: run_alpha0_width(study, ns.width_list),
+               "final-scale": lambda: run_final_scale(study, ns.width_list)}
+    done, code = run_command("fms_dyt.study", studies[ns.study], TuneError)
     if code:
         return code
     print(f"report: {done['report']}")

@@ -43,8 +43,9 @@ log = logging.getLogger("fms_dyt")
 SATURATED_WARNING = 0.9  # trapped layers: 95-100%; the healthy quickstart's deepest: ~60% (|αx| > 2)
 PLATEAU_CHANGE = 0.1
 GROWTH_WARNING = 100.0
-HINT = ("with DyT-like norms, try a scale-free final norm (norm.final=rmsnorm), then probe α₀ "
-        "(norm.alpha_attn, norm.alpha_ffn); docs/quickstart.md shows both at width 64")
+HINT = ("with DyT-like norms, start the final norm's scale larger (norm.final_gamma0=auto: the logit scale of "
+        "the paper's width-4096 model), or use a scale-free final norm (norm.final=rmsnorm); then probe α₀ "
+        "(norm.alpha_attn, norm.alpha_ffn); docs/science.md, \"The output scale\"")
 
 
 def fixed_batch(cfg) -> torch.Tensor:
