@@ -330,7 +330,9 @@ class _Readers(IterableDataset):
         streams = [Reader(self.plan, first + logical, self.states[logical]).batches() for logical in mine]
         for logical, stream in itertools.cycle(zip(mine, streams)):
             windows, state, events, spans = next(stream)
-            yield logical, torch.from_numpy(windows), state, events, spans
+            # numpy, not a tensor: a worker sends it as 64 KB of bytes through its pipe, where a
+            # tensor costs a shared-memory file per batch (created, passed, mapped, unlinked)
+            yield logical, windows, state, events, spans
 
 
 def _as_is(item):
@@ -394,6 +396,7 @@ class PackedLoader:
                 self._next = (logical + 1) % self.per_rank
                 if self.plan.trace:
                     self.last_trace = (logical, events, spans)
+                windows = torch.from_numpy(windows)
                 inputs, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
                 if self.pin_memory:  # page-locked: the trainer's non_blocking copy to the GPU is asynchronous
                     inputs, targets = inputs.pin_memory(), targets.pin_memory()
