@@ -1,5 +1,6 @@
-"""Fixtures shared by several test files (test files never import each other), and the ``gpu``
-marker: tests marked ``gpu`` need a CUDA GPU; without one they are skipped, saying so."""
+"""Fixtures shared by several test files (their plain functions are in helpers.py; test files
+never import each other), and the ``gpu`` marker: tests marked ``gpu`` need a CUDA GPU; without
+one they are skipped, saying so."""
 
 from __future__ import annotations
 

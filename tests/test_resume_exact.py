@@ -1,12 +1,12 @@
 """The issue's resume check on real data: torchrun, 2 ranks, SIGKILL after step 10, same losses after."""
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+from helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["experiment=quickstart", "train.max_steps=14", "checkpoint.interval=4", "logging.wandb.mode=disabled",
@@ -18,12 +18,6 @@ def torchrun(run_dir, *extra, nproc=2):
            "train.py", *ARGS, f"run_dir={run_dir}", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def losses(run_dir):
-    """Losses by step. Polled while the trainer writes: a last line without its newline is not read yet."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines(keepends=True)
-    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.endswith("\n"))}
 
 
 def test_sigkill_after_step_10_then_same_losses_and_continue_on_one_process(tmp_path):
