@@ -2,18 +2,21 @@
 PyTorch.
 
 Eager, the arithmetic is autograd's on the plain formula (the paper's implementation), op by op
-in the dtype PyTorch's type promotion gives, bit for bit, but autograd keeps tanh(α·x) alive for
-backward beside x, where this keeps only x: tanh is recomputed, which is cheaper than storing it
-(and keeps DyT's activations at one tensor of x's size). On plain tensors the ops write into the
-op's own temporaries: one buffer of x's size in forward and two in backward, where the plain
-formula allocates three and seven. The output takes x's dtype and each gradient its parameter's
-dtype, so FSDP2 mixed precision (x bf16, α and weight bf16 or fp32) works unchanged; with fp32
-parameters the arithmetic is fp32.
+in the dtype PyTorch's type promotion gives, bit for bit. What is kept for backward depends on
+where it runs: on a GPU (and compiled anywhere) only x, and tanh is recomputed in backward, which
+is cheaper than storing it there and keeps DyT's activations at one tensor of x's size; eager on
+a CPU tanh(α·x) as well, as autograd keeps it, since there ATen's tanh costs more than the
+memory traffic of storing it (see ``_keeps_tanh``). On plain tensors the ops write into the
+op's own temporaries: at most two buffers of x's size in forward and two in backward, where the
+plain formula allocates three and seven. The output takes x's dtype and each gradient its
+parameter's dtype, so FSDP2 mixed precision (x bf16, α and weight bf16 or fp32) works unchanged;
+with fp32 parameters the arithmetic is fp32.
 
 The function reads no values on the host, so it runs unchanged on the meta device, on fake
 tensors, on DTensors and under ``torch.compile`` (dynamo traces it without a graph break; under
 compilation the backward is written so that inductor keeps no intermediate of x's size, see
-``_backward_compiled``; inductor computes in fp32). Nothing here compiles or loads native code:
+``_backward_compiled``; inductor computes in fp32, and on a CPU evaluates tanh as a rational
+function within a few ulp, see ``_tanh``). Nothing here compiles or loads native code:
 ``fms_dyt.export`` copies this file into exported model directories.
 """
 
@@ -22,6 +25,46 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+# tanh(z) ≈ z·P(z²)/Q(z²) for |z| ≤ 9.02, beyond which tanh(z) rounds to ±1 in fp32: P and Q of
+# degree 4 with the least largest relative error on that interval (2·10⁻⁸; fitted for fms-dyt by
+# iteratively reweighted least squares, see docs/performance.md), rounded to fp32. Evaluated in
+# fp32 it is within 7 ulp of tanh (ATen's tanh: 1 ulp).
+_TANH_P = (1.0, 0.13379722833633423, 0.0034940396435558796, 2.0583562218234874e-05, 1.331917598434984e-08)
+_TANH_Q = (1.0, 0.4671303629875183, 0.025871092453598976, 0.0003283100959379226, 7.762063773952832e-07)
+_TANH_LIMIT = 9.02
+
+
+def _tanh(z: torch.Tensor) -> torch.Tensor:
+    """tanh(z) as the op computes it. Compiled for a CPU, a rational function in plain ops, which
+    inductor fuses into the loop that needs it at ten multiplies or multiply-adds and one division
+    a value: ATen's vectorised tanh costs several times that, and DyT on a CPU is bound by it.
+    Elsewhere (eager, GPUs) ``torch.tanh``."""
+    if not (torch.compiler.is_compiling() and z.device.type == "cpu" and torch.finfo(z.dtype).bits <= 32):
+        return torch.tanh(z)
+    w = z.float().clamp(-_TANH_LIMIT, _TANH_LIMIT)
+    u = w * w
+    t = w * _polynomial(_TANH_P, u) / _polynomial(_TANH_Q, u)
+    # Rounding can take the quotient up to 3 ulp past ±1 near saturation: fp32 clamps it, so that
+    # tanh saturates at exactly ±1; narrower dtypes round it to ±1 by themselves (and the clamp
+    # would take the fused backward loop past inductor's size for one loop, 50 ops, on a CPU).
+    return (t.clamp(-1.0, 1.0) if z.dtype == torch.float32 else t).to(z.dtype)
+
+
+def _polynomial(coefficients, u):
+    """c₀ + c₁·u + c₂·u² + ..., by Horner's rule."""
+    value = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        value = value * u + c
+    return value
+
+
+def _keeps_tanh(x: torch.Tensor) -> bool:
+    """Whether the forward keeps tanh(α·x) for backward beside x: eager on a CPU, where ATen's
+    tanh costs more than storing its result (a DyT layer then keeps two tensors of x's size, as
+    autograd on the plain formula does). Compiled, or on a GPU, only x."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def dyt_reference(x, alpha, weight, bias=None):
@@ -47,39 +90,43 @@ def _fits(buffer: Optional[torch.Tensor], shape, dtype) -> bool:
 class _DyTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias):
-        ctx.save_for_backward(x, alpha, weight)
         ctx.has_bias = bias is not None
         a = _one_dim(alpha)
-        if not _reuse_buffers(x, alpha, weight, bias):
-            y = weight * torch.tanh(a * x)
-            return (y if bias is None else y + bias).to(x.dtype)
-        # The plain formula's ops, written into one buffer (each fresh buffer of x's size costs
-        # page faults on a CPU): the same values as the out-of-place ops.
-        y = torch.mul(a, x).tanh_()
-        y = y.mul_(weight) if _fits(y, torch.broadcast_shapes(y.shape, weight.shape), torch.result_type(y, weight)) else weight * y
-        if bias is not None:
-            y = y.add_(bias) if _fits(y, torch.broadcast_shapes(y.shape, bias.shape), torch.result_type(y, bias)) else y + bias
+        reuse = _reuse_buffers(x, alpha, weight, bias)
+        t = torch.mul(a, x).tanh_() if reuse else _tanh(a * x)
+        keep = _keeps_tanh(x)
+        ctx.save_for_backward(x, alpha, weight, *((t,) if keep else ()))
+        # The plain formula's ops, written into one buffer where tanh is not kept (each fresh
+        # buffer of x's size costs page faults on a CPU): the same values as the out-of-place ops.
+        shape = torch.broadcast_shapes(t.shape, weight.shape)
+        y = t.mul_(weight) if reuse and not keep and _fits(t, shape, torch.result_type(t, weight)) else weight * t
+        if bias is not None:  # y is the op's own buffer either way
+            fits = reuse and _fits(y, torch.broadcast_shapes(y.shape, bias.shape), torch.result_type(y, bias))
+            y = y.add_(bias) if fits else y + bias
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, alpha, weight = ctx.saved_tensors
+        x, alpha, weight, *kept = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.compiler.is_compiling():
             grads = _backward_compiled(x, alpha, weight, grad_y, ctx.has_bias, need)
         else:
-            grads = _backward_eager(x, alpha, weight, grad_y, ctx.has_bias, need)
+            grads = _backward_eager(x, alpha, weight, grad_y, ctx.has_bias, need, *kept)
         return tuple(g if n else None for g, n in zip(grads, need))
 
 
-def _backward_eager(x, alpha, weight, grad_y, has_bias, need):
+def _backward_eager(x, alpha, weight, grad_y, has_bias, need, t=None):
     """Autograd's arithmetic on the plain formula, op by op (the same values, bit for bit); on plain
-    tensors in two buffers of x's size instead of seven."""
+    tensors in two buffers of x's size instead of seven. ``t`` is tanh(α·x) where the forward kept
+    it (see ``_keeps_tanh``), else it is recomputed here."""
     reuse = _reuse_buffers(x, alpha, weight, grad_y)
     a = _one_dim(alpha)
     rows = tuple(range(x.dim() - 1))
-    t = torch.mul(a, x)  # tanh(α·x), recomputed: cheaper than keeping it from the forward
-    t = t.tanh_() if reuse else torch.tanh(t)
+    ours = t is None  # a kept tanh stays intact: backward may run again (retain_graph)
+    if ours:
+        t = torch.mul(a, x)
+        t = t.tanh_() if reuse else torch.tanh(t)
     grad_x = grad_alpha = grad_weight = grad_bias = spare = None
     if need[2]:
         spare = grad_y * t
@@ -98,7 +145,7 @@ def _backward_eager(x, alpha, weight, grad_y, has_bias, need):
     else:
         h = torch.ops.aten.tanh_backward(h, t)
     if need[1]:
-        if reuse and _fits(t, torch.broadcast_shapes(h.shape, x.shape), torch.result_type(h, x)):
+        if reuse and ours and _fits(t, torch.broadcast_shapes(h.shape, x.shape), torch.result_type(h, x)):
             hx = torch.mul(h, x, out=t)
         else:
             hx = h * x
@@ -116,18 +163,19 @@ def _backward_compiled(x, alpha, weight, grad_y, has_bias, need):
 
     Inductor's CPU code generator fuses an elementwise loop over [rows, width] with a reduction
     over the width or over everything, never with a sum over the rows (a loop nest of another
-    order), and it stores a reused tanh as a buffer. So dx = dy·γ·α·(1 − t²) and
-    dα = Σ dy·γ·(1 − t²)·x are one row-parallel loop, dγ = Σ_rows dy·t a column-parallel loop, and
-    each loop computes t = tanh(α·x) itself (three spellings of the same value, which common-
-    subexpression elimination does not merge): two reads of x and dy and one write of dx, like
-    compiled RMSNorm's backward, where storing t costs a write and a read of x's size.
+    order), and it stores a costly elementwise value that two results use (tanh, or ``_tanh``'s
+    thirty ops). So dx = dy·γ·α·(1 − t²) and dα = Σ dy·γ·(1 − t²)·x are one row-parallel loop,
+    dγ = Σ_rows dy·t a column-parallel loop, and each result computes t = tanh(α·x) itself (three
+    spellings of the same value, which common-subexpression elimination does not merge): two reads
+    of x and dy and one write of dx, like compiled RMSNorm's backward, where storing t costs a
+    write and a read of x's size.
     """
     a = _one_dim(alpha)
     rows = tuple(range(x.dim() - 1))
-    grad_x = (torch.ops.aten.tanh_backward(grad_y * weight, torch.tanh(a * x)) * a).to(x.dtype)
-    h = torch.ops.aten.tanh_backward(weight * grad_y, torch.tanh(x * a))
+    grad_x = (torch.ops.aten.tanh_backward(grad_y * weight, _tanh(a * x)) * a).to(x.dtype)
+    h = torch.ops.aten.tanh_backward(weight * grad_y, _tanh(x * a))
     grad_alpha = (h * x).sum().reshape(alpha.shape).to(alpha.dtype)
-    t = -torch.tanh(x * -a)  # tanh is odd: the same value
+    t = -_tanh(x * -a)  # tanh is odd: the same value
     grad_weight = (grad_y * t).sum(rows).to(weight.dtype)
     grad_bias = _grad_bias(grad_y, weight, rows) if has_bias and need[3] else None
     return grad_x, grad_alpha, grad_weight, grad_bias

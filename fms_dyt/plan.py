@@ -82,10 +82,10 @@ def _dtype_bytes(key: str, name: str) -> int:
 # ---- activations ---------------------------------------------------------------------------------
 
 
-def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int) -> int:
-    """Bytes per token one norm layer keeps for backward."""
-    if kind == "dyt":
-        return compute_bytes * dim  # the fused op keeps its input only
+def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int, cpu: bool = False) -> int:
+    """Bytes per token one norm layer keeps for backward (``cpu``: run eagerly on a CPU)."""
+    if kind == "dyt":  # the fused op keeps its input only; eager on a CPU tanh(α·x) too (fms_dyt.ops)
+        return (2 if cpu else 1) * compute_bytes * dim
     if kind == "derf":
         return 3 * compute_bytes * dim  # plain ops: autograd keeps x, α·x + s and erf(α·x + s)
     # RMSNorm: the fp32 copy of x (x itself in fp32), the normalised x before the weight, 1/rms.
@@ -93,9 +93,11 @@ def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int) -> int:
 
 
 def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len: int,
-                     compute_bytes: int, checkpointed: list[bool], final_kind: Optional[str] = None) -> dict[str, int]:
+                     compute_bytes: int, checkpointed: list[bool], final_kind: Optional[str] = None,
+                     cpu: bool = False) -> dict[str, int]:
     """Activation memory of one micro-batch: what forward keeps for backward, the bytes alive at
-    the two moments of backward where the step peaks, and the larger.
+    the two moments of backward where the step peaks, and the larger. On GPUs, or with ``cpu``
+    as the model runs eagerly on a CPU (what :func:`measure_activation_bytes` measures).
 
     Per token and block (eager, flash-style attention): both norms' inputs (see above), the
     normed input of the attention and FFN projections, q, k, v after RoPE, the attention output
@@ -107,7 +109,7 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     """
     p, d, f, L = compute_bytes, args.dim, args.ffn_dim, args.n_layers
     kv_width = args.kv_heads * args.head_dim
-    norm = _norm_saved_bytes(norm_kind, d, p)
+    norm = _norm_saved_bytes(norm_kind, d, p, cpu)
     full_block = 2 * norm + p * (4 * d + 2 * kv_width + 4 * f) + 4 * args.n_heads
     block_input = p * d
     tokens = micro_batch * seq_len
@@ -117,7 +119,7 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     if p != 4:
         saved += (L - n_ckpt) * 4 * seq_len * args.head_dim * p
     embedding_kept = p * d if norm_kind in POINTWISE else 0  # their configs have the embedding scalar
-    final_norm = _norm_saved_bytes(final_kind or norm_kind, d, p)
+    final_norm = _norm_saved_bytes(final_kind or norm_kind, d, p, cpu)
     head = final_norm + p * d + p * args.vocab_size  # freed by the backward of the loss, norm and head
     saved += (embedding_kept + head) * tokens
     # Transients on top, at the two candidate peaks: the loss's backward (the logits' gradient,
@@ -629,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = config_dtype("parallel.param_dtype", par.param_dtype)
         ckpt = checkpointed_blocks(args.n_layers, par.activation_checkpointing, par.ac_fraction)
         estimate = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len,
-                                    _dtype_bytes("parallel.param_dtype", par.param_dtype), ckpt, norm.kind_at("final"))
+                                    _dtype_bytes("parallel.param_dtype", par.param_dtype), ckpt, norm.kind_at("final"),
+                                    cpu=True)
         measured = measure_activation_bytes(args, norm, t.micro_batch_size, t.seq_len, dtype, ckpt)
         p["activations_measured_cpu"] = {"plan_bytes": estimate["peak"], "measured_bytes": measured["peak"]}
         if not ns.json:

@@ -389,26 +389,33 @@ def run_final_scale(study: Study, widths: Sequence[int], echo=print) -> dict:
     the lr grid at the widest width with each kind's best γ₀; the report."""
     grids = {w: gamma_grid(study, w) for w in widths}
     auto = {w: next(v for label, v in grids[w] if label == "auto") for w in widths}
-    variants = [scale_variant(w, kind, label) for w in sorted(widths, reverse=True)  # the slowest runs first
-                for kind in SCALE_KINDS for label, _ in grids[w]]
-    variants += [scale_variant(w, "dyt", "1", (f"model.output_multiplier={auto[w]:.4g}",), "_multiplier")
-                 for w in sorted(widths, reverse=True)]
-    rows = _scale_rows(study, variants, echo)
+    gamma0 = {}  # variant name -> the output scale it starts with (γ₀, or γ₀ 1 times the multiplier)
+    variants = []
+    for w in sorted(widths, reverse=True):  # the slowest runs first
+        for kind in SCALE_KINDS:
+            for label, value in grids[w]:
+                variants.append(scale_variant(w, kind, label))
+                gamma0[variants[-1].name] = value
+        variants.append(scale_variant(w, "dyt", "1", (f"model.output_multiplier={auto[w]:.4g}",), "_multiplier"))
+        gamma0[variants[-1].name] = auto[w]
+    rows = _scale_rows(study, variants, gamma0, echo)
     widest = max(widths)
     base_lr = resolved(study, []).optim.lr
     lr_variants = []
     for kind in SCALE_KINDS:
         best = _best(rows, widest, kind)
         if best is not None:
-            lr_variants += [scale_variant(widest, kind, best["gamma_label"], (f"optim.lr={lr:g}",), f"_lr{lr:g}")
-                            for lr in study.preset.scale_lrs if not math.isclose(lr, base_lr)]
-    rows += _scale_rows(study, lr_variants, echo)
+            for lr in study.preset.scale_lrs:
+                if not math.isclose(lr, base_lr):
+                    lr_variants.append(scale_variant(widest, kind, best["gamma_label"], (f"optim.lr={lr:g}",), f"_lr{lr:g}"))
+                    gamma0[lr_variants[-1].name] = best["gamma0"]
+    rows += _scale_rows(study, lr_variants, gamma0, echo)
     for r in rows:
         r["lr"] = next((float(o.split("=")[1]) for o in r["overrides"] if o.startswith("optim.lr=")), base_lr)
     return write_report(study, rows, scale_report(study, rows, widths, grids, base_lr))
 
 
-def _scale_rows(study: Study, variants: Sequence[Variant], echo) -> list[dict]:
+def _scale_rows(study: Study, variants: Sequence[Variant], gamma0: dict[str, float], echo) -> list[dict]:
     runs = {v: [study.run(v, seed) for seed in study.seed_list()] for v in variants}
     results = {r.probe.name: r for r in run_probes([p for ps in runs.values() for p in ps], study.metric, study.jobs, echo)}
     rows = []
@@ -418,16 +425,9 @@ def _scale_rows(study: Study, variants: Sequence[Variant], echo) -> list[dict]:
         saturation = [final_saturation(p.run_dir) for p in probes]
         rows.append({**variant_row(v.name, done), "width": int(width[1:]), "kind": kind, "gamma_label": gamma[1:],
                      "multiplier": "_multiplier" in v.name, "overrides": list(v.overrides),
-                     "gamma0": _gamma_of(study, v), "max_saturated": max((x for x in saturation if x is not None),
+                     "gamma0": gamma0[v.name], "max_saturated": max((x for x in saturation if x is not None),
                                                                          default=None)})
     return rows
-
-
-def _gamma_of(study: Study, v: Variant) -> float:
-    from fms_dyt.config import final_gamma0, model_args
-
-    cfg = resolved(study, v.overrides)
-    return final_gamma0(cfg) * model_args(cfg).output_multiplier
 
 
 def _grid_rows(rows: Sequence[dict], width: int, kind: str) -> list[dict]:
@@ -453,8 +453,9 @@ def _auto_row(rows: Sequence[dict], width: int, kind: str) -> Optional[dict]:
 
 def scale_report(study: Study, rows: Sequence[dict], widths: Sequence[int], grids: dict, base_lr: float) -> str:
     study.out.mkdir(parents=True, exist_ok=True)
-    grid_lines = ["| width | γ₀ | all-DyT final val/loss (mean ± sd) | all-DyT max saturated at the end | "
-                  "RMSNorm final val/loss (mean ± sd) |", "|---|---|---|---|---|"]
+    key = study.metric.key
+    grid_lines = [f"| width | γ₀ | all-DyT final {key} (mean ± sd) | all-DyT max saturated at the end | "
+                  f"RMSNorm final {key} (mean ± sd) |", "|---|---|---|---|---|"]
     summary = ["| width | auto γ₀ | best γ₀ all-DyT | auto within a grid step? | best γ₀ RMSNorm | "
                "auto within a grid step? | all-DyT − RMSNorm at auto | at each one's best γ₀ | "
                "all-DyT at auto: max saturated |", "|---|---|---|---|---|---|---|---|---|"]
@@ -472,11 +473,11 @@ def scale_report(study: Study, rows: Sequence[dict], widths: Sequence[int], grid
             best = _best(rows, w, kind)
             near = "—" if best is None else ("yes" if abs(labels.index(best["gamma_label"]) - labels.index("auto")) <= 1
                                              else "no")
-            cells += ["—" if best is None else f"{best['gamma0']:.3g} ({best['mean']:.3f})", near]
+            cells += ["—" if best is None else f"{best['gamma0']:.3g} ({best['mean']:.3f} ± {_fmt(best['sd'])})", near]
         gap = _gap(auto_d, auto_r)
         best_gap = _gap(_best(rows, w, "dyt"), _best(rows, w, "rmsnorm"))
-        summary.append(f"| {w} | {grids[w][labels.index('auto')][1]:.3g} | {' | '.join(cells)} | {_fmt(gap)} | "
-                       f"{_fmt(best_gap)} | {_pct(auto_d and auto_d['max_saturated'])} |")
+        summary.append(f"| {w} | {grids[w][labels.index('auto')][1]:.3g} | {' | '.join(cells)} | {_signed(gap)} | "
+                       f"{_signed(best_gap)} | {_pct(auto_d and auto_d['max_saturated'])} |")
         if gap is not None:
             saturated = auto_d["max_saturated"]
             ok = gap <= LOSS_MARGIN and saturated is not None and saturated <= HALF_SATURATED
@@ -490,7 +491,7 @@ def scale_report(study: Study, rows: Sequence[dict], widths: Sequence[int], grid
         fixed = next((r for r in rows if r["width"] == w and r["multiplier"]), None)
         multiplier.append(f"| {w} | {_mean_sd(_auto_row(rows, w, 'dyt'))} | {_mean_sd(fixed)} |")
     widest = max(widths)
-    lr_lines = ["| kind | γ₀ (its best) | lr | final val/loss (mean ± sd) |", "|---|---|---|---|"]
+    lr_lines = [f"| kind | γ₀ (its best) | lr | final {key} (mean ± sd) |", "|---|---|---|---|"]
     best_at_lr = {}
     for kind in SCALE_KINDS:
         best = _best(rows, widest, kind)
@@ -536,6 +537,10 @@ def _gap(dyt: Optional[dict], rms: Optional[dict]) -> Optional[float]:
     if dyt is None or rms is None or dyt["mean"] is None or rms["mean"] is None:
         return None
     return dyt["mean"] - rms["mean"]
+
+
+def _signed(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v:+.3f}"
 
 
 def _pct(fraction: Optional[float]) -> str:

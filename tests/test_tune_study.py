@@ -301,11 +301,12 @@ def test_tune_alpha0_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "alpha0.json").read_text())
     assert len(summary["probes"]) == 4 and all(p["value"] is not None for p in summary["probes"]), summary["probes"]
-    assert set(summary["best"]) == {"attn", "ffn"}  # the quickstart's final norm is RMSNorm: no final α₀
+    assert set(summary["best"]) == {"attn", "ffn", "final"}  # the quickstart is all-DyT: a final α₀ too
     assert summary["alpha_table_row"][0] == 32 and (tmp_path / "alpha0.png").stat().st_size > 0
     for p in summary["probes"]:
         config = (Path(p["run_dir"]) / "config.yaml").read_text()
         assert f"alpha_attn: {p['attn']}" in config and f"alpha_ffn: {p['other']}" in config
+        assert f"alpha_final: {p['other']}" in config
     assert "best α₀ after 3 steps (loss, mean of the last 10 logged values)" in done.stdout
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished before") == 4
@@ -341,3 +342,57 @@ def test_alpha0_width_report():
     assert "- attention: the best α₀ falls with width (as Table 5)" in report
     assert "- FFN and final: the best α₀ does not move" in report
     assert "--grid 1,2,4,8 --steps 100" in report and "width 256 failed: all 10 probes failed" in report
+
+
+# ---- final-scale --------------------------------------------------------------------------------
+
+# Final losses of the fabricated grid: width -> kind -> γ₀ label -> loss of seed 2023 (2024: +0.02)
+SCALE_LOSSES = {
+    64: {"dyt": {"1": 6.4, "4": 5.3, "auto": 5.1, "16": 5.2}, "rmsnorm": {"1": 5.2, "4": 5.15, "auto": 5.12, "16": 5.3}},
+    128: {"dyt": {"1": 6.3, "2.828": 5.0, "auto": 4.95, "11.31": 5.4},
+          "rmsnorm": {"1": 4.9, "2.828": 4.8, "auto": 4.85, "11.31": 5.0}},
+}
+
+
+def _fabricate_scale_run(study, variant, loss, saturated):
+    for i, seed in enumerate(study.seed_list()):
+        run = study.run(variant, seed)
+        fake_run(run.run_dir, [7.0, loss + 0.02 * i, loss + 0.02 * i], run.overrides)
+        metrics = run.run_dir / "metrics.jsonl"
+        *earlier, last = metrics.read_text().splitlines()
+        last = {**json.loads(last), "telemetry/saturated/final": saturated, "telemetry/saturated/attn/0": saturated / 2}
+        metrics.write_text("\n".join([*earlier, json.dumps(last)]) + "\n")
+
+
+def test_final_scale_report_from_finished_runs(tmp_path):
+    """The grid's labels and the auto value per width, the best γ₀ of each kind, the verdicts, the
+    multiplier and the lr round (its γ₀ chosen from the grid) — read from runs that finished before."""
+    preset = S.Preset(overrides=("model=tiny", "model.n_layers=1"), steps=3, probe_steps=2, grid=(1.0,), widths=(64, 128),
+                      width_steps=2, width_grid=(1.0,), jobs=1, scale_steps=3, scale_lrs=(1e-3, 3e-4))
+    study = S.Study(tmp_path, preset, [], 2, LOSS, 1)
+    assert [label for label, _ in S.gamma_grid(study, 64)] == ["1", "4", "auto", "16"]
+    assert [label for label, _ in S.gamma_grid(study, 128)] == ["1", "2.828", "auto", "11.31"]
+    for width, kinds in SCALE_LOSSES.items():
+        for kind, losses in kinds.items():
+            for label, loss in losses.items():
+                _fabricate_scale_run(study, S.scale_variant(width, kind, label), loss, 0.3 if label == "auto" else 0.9)
+        _fabricate_scale_run(study, S.scale_variant(width, "dyt", "1", (f"model.output_multiplier={8 if width == 64 else 5.657}",),
+                                                    "_multiplier"), 5.5, 0.2)
+    # the lr round at the widest width (the runs' lr is optim's default 3e-4, so only 1e-3 is new)
+    for kind, label, loss in (("dyt", "auto", 4.9), ("rmsnorm", "2.828", 4.85)):
+        _fabricate_scale_run(study, S.scale_variant(128, kind, label, ("optim.lr=0.001",), "_lr0.001"), loss, 0.3)
+    seen = []
+    done = S.run_final_scale(study, [64, 128], echo=seen.append)
+    assert not any("started" in s for s in seen)
+    report = done["report"].read_text()
+    assert "| 64 | 8 | 8 (5.110 ± 0.014) | yes | 8 (5.130 ± 0.014) | yes | -0.020 | -0.020 | 30% |" in report
+    assert "| 128 | 5.66 | 5.66 (4.960 ± 0.014) | yes | 2.83 (4.810 ± 0.014) | yes | +0.100 | +0.150 | 30% |" in report
+    assert "| 128 | 11.31 | 5.410 ± 0.014 (range 0.020) | 90% | 5.010 ± 0.014 (range 0.020) |" in report
+    assert "- width 64: all-DyT with `norm.final_gamma0=auto` ends -0.020 nats" in report and "**matches**" in report
+    assert "- width 128: all-DyT with `norm.final_gamma0=auto` ends +0.100 nats" in report and "**does not match**" in report
+    assert "| 64 | 5.110 ± 0.014 (range 0.020) | 5.510 ± 0.014 (range 0.020) |" in report  # γ₀ against the multiplier
+    assert "| dyt | 5.66 | 0.001 | 4.910 ± 0.014 (range 0.020) |" in report
+    assert "| rmsnorm | 2.83 | 0.001 | 4.860 ± 0.014 (range 0.020) |" in report  # worse than at 3e-4
+    assert "At each one's best lr: all-DyT − RMSNorm = +0.100 nats." in report  # 4.91 against 4.81
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 4 + 2 + 2 and all(r["ok"] == 2 for r in rows)
