@@ -46,7 +46,7 @@ def _tokenizer_rate(data, tokens: int, threads: int) -> float:
     from fms_dyt.data.state import fresh_reader_state
     from fms_dyt.data.tokenizer import default_model_file
 
-    loader = PackedLoader(replace(data, num_workers=0), TokenizerConfig(), seq_len=SEQ_LEN,
+    loader = PackedLoader(replace(data, num_workers=0, readers=None), TokenizerConfig(), seq_len=SEQ_LEN,
                           micro_batch_size=MICRO_BATCH, seed=0, rank=0, world_size=1)
     texts, chars = [], 0
     for text in Reader(loader.plan, 0, fresh_reader_state()).documents():

@@ -48,7 +48,7 @@ class Target:
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Loss by step from a run's ``metrics.jsonl`` (the last record of a step logged twice)."""
-    from fms_dyt.analysis.runs import read_metrics
+    from fms_dyt.metrics import read_metrics
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

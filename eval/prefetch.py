@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's fms_dyt first
 
-from fms_dyt.eval import EXIT_USAGE, EvalError  # noqa: E402
+from fms_dyt.errors import refuse  # noqa: E402
+from fms_dyt.eval import EvalError  # noqa: E402
 from fms_dyt.eval.cli import add_include_path_argument, add_tasks_argument, split_tasks  # noqa: E402
 from fms_dyt.eval.hub import offline_if_hub_unreachable  # noqa: E402
 from fms_dyt.eval.run import setup_logging  # noqa: E402
@@ -39,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         check_task_names(manager, tasks)
         loaded = load_tasks(manager, tasks, args.include_path, progress=log.info)
     except EvalError as e:
-        print(f"prefetch.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse("prefetch.py", e)
     for name, task in loaded.items():
         docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
         log.info("  %-16s %6d documents", name, len(docs))

@@ -41,10 +41,11 @@ from fms_dyt.analysis import figures as F
 from fms_dyt.analysis.activations import (analysis_batch, capture_norm_io, checkpoint_alphas, parse_sites,
                                           token_namer)
 from fms_dyt.analysis.report import FINAL_LOSS_RECORDS, figure_section, results_table, runs_table
-from fms_dyt.analysis.runs import ALPHA_KEY, AnalysisError, Run, load_runs
+from fms_dyt.analysis.runs import AnalysisError, Run, load_runs
+from fms_dyt.errors import refuse
+from fms_dyt.metrics import ALPHA_KEY
 
 log = logging.getLogger("fms_dyt.analyze")
-EXIT_USAGE = 2
 
 
 @dataclass
@@ -286,8 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         result = analyze(args.runs, args.out, **options)
     except (AnalysisError, FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"fms_dyt.analyze: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse("fms_dyt.analyze", e)
     for name in result.figures:
         print(result.out / name)
     print(f"report: {result.report}")

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from fms_dyt.errors import EXIT_ERROR, EXIT_NO_SPACE
 from fms_dyt.parallel import checkpoint_group, on_rank0
 
 log = logging.getLogger("fms_dyt")
@@ -62,12 +63,12 @@ class CheckpointError(ValueError):
 class CheckpointWriteError(CheckpointError):
     """A save failed (a full disk, a quota, any write error): its partial directory is gone, the
     previous checkpoints are as they were; the message names the directory, the bytes needed and
-    the bytes free. ``exit_code`` 6 (``fms_dyt.failures.EXIT_NO_SPACE``) when space ran out: a
+    the bytes free. ``exit_code`` EXIT_NO_SPACE (6) when space ran out: a
     requeue would fail again, so ``slurm/launch.sh`` does not retry it."""
 
     def __init__(self, message: str, no_space: bool):
         super().__init__(message)
-        self.exit_code = 6 if no_space else 1
+        self.exit_code = EXIT_NO_SPACE if no_space else EXIT_ERROR
 
 
 def checkpoint_problem(path: Path, need_data_state: bool = True) -> str | None:

@@ -1,17 +1,16 @@
-"""What fms-dyt's command lines share: Hydra overrides of configs/train.yaml beside a command's own
-options, and exit code 2 with the message of a configuration error."""
+"""What fms-dyt's command lines that compose the training config share: Hydra overrides of
+configs/train.yaml beside a command's own options, and the report of a configuration error
+(``fms_dyt.errors``)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional
 
 from omegaconf import DictConfig
 
-from fms_dyt.config import ConfigError, load_config
-
-EXIT_CONFIG = 2  # a bad configuration or argument; the message says which and what to do
+from fms_dyt.config import load_config
+from fms_dyt.errors import ConfigError, refuse
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, list[str]]:
@@ -25,9 +24,9 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv) -> tuple[argpars
 
 def load_config_or_report(prog: str, overrides: list[str]) -> Optional[DictConfig]:
     """The composed, validated config; None after printing ``<prog>: configuration error: ...``
-    to stderr (the caller exits with EXIT_CONFIG)."""
+    to stderr (the caller exits with ``fms_dyt.errors.EXIT_CONFIG``)."""
     try:
         return load_config(overrides)
     except ConfigError as e:
-        print(f"{prog}: configuration error: {e}", file=sys.stderr)
+        refuse(prog, e)
         return None

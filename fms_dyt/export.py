@@ -27,7 +27,8 @@ import torch
 from omegaconf import OmegaConf
 
 from fms_dyt import hf
-from fms_dyt.config import ConfigError, load_config, model_args, norm_args
+from fms_dyt.config import load_config, model_args, norm_args
+from fms_dyt.errors import ConfigError, refuse
 from fms_dyt.norms import NormArgs
 
 # Files that make an exported directory self-contained (they import each other relatively).
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_source(ns.source, ns.overrides)
         fmt = export(model, ns.out, ns.format, tokenizer)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"fms_dyt.export: {e}", file=sys.stderr)
-        return 2
+        return refuse("fms_dyt.export", e)
     print(f"exported {ns.source} as {fmt} to {ns.out}")
     return 0
 

@@ -1,6 +1,6 @@
 """What ended a training attempt, and whether the Slurm job should run it again.
 
-fms-dyt's exit codes (``fms_dyt.trainer``): 0 done, 75 stopped on a signal after a checkpoint,
+fms-dyt's exit codes (``fms_dyt.errors``): 0 done, 75 stopped on a signal after a checkpoint,
 130 Ctrl-C, and for failures 1 (anything else: a rank killed, a collective timed out, a CUDA
 error), 2 a configuration error, 3 a diverged run (``train.max_bad_steps`` non-finite steps in a
 row), 4 a hung rank found by the watchdog (``fms_dyt.watchdog``), 5 a node that failed the
@@ -18,7 +18,7 @@ and why, appends one line to ``<run_dir>/failures.jsonl`` (time, attempt, step o
 complete checkpoint, node, exit code, signal, reason, decision) and requeues the job without that
 node (``scontrol requeue`` then ``ExcNodeList``) unless the failure is not worth retrying, the run
 has failed ``FMS_DYT_MAX_FAILURES`` times already, or excluding the node leaves too few nodes.
-Imports only the standard library: it runs on the batch node, outside the training processes.
+Imports only the standard library and ``fms_dyt.errors``: it runs on the batch node, outside the training processes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_ERROR, EXIT_CONFIG, EXIT_DIVERGED, EXIT_HUNG, EXIT_PREFLIGHT, EXIT_NO_SPACE = 1, 2, 3, 4, 5, 6
+from fms_dyt.errors import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_ERROR, EXIT_HUNG, EXIT_NO_SPACE, EXIT_PREEMPTED,
+                            EXIT_PREFLIGHT)
+
 NOT_RETRIED = {EXIT_CONFIG: "a configuration error", EXIT_DIVERGED: "the run diverged",
                EXIT_NO_SPACE: "a checkpoint could not be written for lack of space"}
 REASONS = {EXIT_ERROR: "error", EXIT_CONFIG: "config", EXIT_DIVERGED: "diverged", EXIT_HUNG: "hang",
@@ -291,7 +293,7 @@ def decide(run_dir: Path, job_id: str, restart: str, step_rc: int, log_text: str
         say(f"not requeueing job {job_id}: {why}")
         if failure["reason"] == "config" and failure["message"]:
             say(f"configuration error: {failure['message']}")
-        return failure["exit_code"] if isinstance(failure["exit_code"], int) and failure["exit_code"] > 0 else 1
+        return failure["exit_code"] if isinstance(failure["exit_code"], int) and failure["exit_code"] > 0 else EXIT_ERROR
     step = record["step"]
     say(f"requeueing job {job_id} (failure {number} of this run; FMS_DYT_MAX_FAILURES={max_failures} are "
         f"requeued) to resume from " + (f"step {step}" if step is not None else "the start")
@@ -301,11 +303,11 @@ def decide(run_dir: Path, job_id: str, restart: str, step_rc: int, log_text: str
     if subprocess.run(["scontrol", "requeue", job_id]).returncode != 0:
         say(f"scontrol requeue failed (job submitted with --no-requeue, or requeue disabled here): "
             f"submit the same command again with run_dir={run_dir} to resume")
-        return 1
+        return EXIT_ERROR
     if excluded and subprocess.run(["scontrol", "update", f"JobId={job_id}",
                                     f"ExcNodeList={','.join(excluded)}"]).returncode != 0:
         say(f"could not exclude {failure['node']} from the requeued job")
-    return 75
+    return EXIT_PREEMPTED
 
 
 def main(argv=None) -> int:
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
     raw = os.environ.get("FMS_DYT_MAX_FAILURES", str(DEFAULT_MAX_FAILURES))
     if not re.fullmatch(r"\d+", raw):
         say(f"FMS_DYT_MAX_FAILURES={raw!r}: expected a whole number >= 0; not requeueing")
-        return 1
+        return EXIT_ERROR
     text = ""
     if args.log:
         try:

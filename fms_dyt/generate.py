@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from fms_dyt.errors import refuse
+
 log = logging.getLogger("fms_dyt")
 
 # The sample printed at the end of every training run. "def", not "def ": a SentencePiece tokenizer
@@ -103,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         text = continuation(model.to(ns.device), _require(tokenizer, ns.path), ns.prompt, ns.max_new_tokens,
                             ns.temperature, ns.top_k)
     except (ValueError, FileNotFoundError) as e:
-        print(f"fms_dyt.generate: {e}", file=sys.stderr)
-        return 2
+        return refuse("fms_dyt.generate", e)
     print(text)
     return 0
 

@@ -9,16 +9,24 @@ without fms-dyt.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 
 import torch
-from transformers import (
+
+# transformers imports torchao when it is installed; torchao 0.18 registers its enums with torch's
+# pytree, which torch 2.14 logs as deprecated at that import: noise that ends every training run
+# (the sample loads this module) and that no fms-dyt user can act on.
+logging.getLogger("torch.utils._pytree").addFilter(
+    lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage())
+
+from transformers import (  # noqa: E402
     AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, LlamaConfig, PretrainedConfig, PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
-from .model import ModelArgs, Transformer
-from .norms import NormArgs
+from .model import ModelArgs, Transformer  # noqa: E402
+from .norms import NormArgs  # noqa: E402
 
 
 class FmsDytConfig(PretrainedConfig):

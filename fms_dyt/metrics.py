@@ -1,4 +1,5 @@
-"""Training metrics: FLOPs per token, MFU, ``metrics.jsonl``, Weights & Biases and the console line.
+"""Training metrics: FLOPs per token, MFU, ``metrics.jsonl`` (written and read back), Weights & Biases
+and the console line.
 
 FLOPs follow PaLM's convention: 6·N + 12·L·d·T per token, N the weights that take part in matrix
 multiplies (attention, FFN and the output head; not the embedding lookup, norms or scalars),
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +27,11 @@ log = logging.getLogger("fms_dyt")
 
 # Dense bf16 peak per device, FLOP/s. Other devices: set parallel.peak_tflops.
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12}
+
+# Keys of a metrics.jsonl record: alpha/<site>/<layer> (norm_scalars), and
+# telemetry/<quantity>/<site> (fms_dyt/telemetry.py); site: attn/<layer>, ffn/<layer> or final
+ALPHA_KEY = re.compile(r"^alpha/(attn|ffn)/(\d+)$")
+TELEMETRY_KEY = re.compile(r"^telemetry/(\w+)/(attn/\d+|ffn/\d+|final)$")
 
 
 def matmul_params(args: ModelArgs) -> int:
@@ -110,6 +119,74 @@ def _step_of(line: str) -> int | None:
         return json.loads(line)["step"]
     except (ValueError, KeyError):  # a line cut short when the job was killed
         return None
+
+
+@dataclass
+class Metrics:
+    """``metrics.jsonl`` as records sorted by step, and what had to be left out."""
+
+    records: list[dict] = field(default_factory=list)
+    unreadable: int = 0  # lines that are not JSON objects with an integer "step"
+    duplicates: int = 0  # records of a step that appears again later (the later one is kept)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(tokens seen, value) of every record that has a finite ``key``."""
+        xs, ys = [], []
+        for r in self.records:
+            v = r.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v) and "tokens_seen" in r:
+                xs.append(r["tokens_seen"])
+                ys.append(v)
+        return xs, ys
+
+    def telemetry(self) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+        """quantity -> site -> (steps, values) of every ``telemetry/<quantity>/<site>`` key logged."""
+        out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        for r in self.records:
+            for key, v in r.items():
+                m = TELEMETRY_KEY.match(key)
+                if m and isinstance(v, (int, float)) and math.isfinite(v):
+                    steps, values = out.setdefault(m.group(1), {}).setdefault(m.group(2), ([], []))
+                    steps.append(r["step"])
+                    values.append(v)
+        return out
+
+    def alpha_layers(self, site: str) -> list[int]:
+        """Layer indices with an ``alpha/<site>/<layer>`` series, in depth order."""
+        found = {int(m.group(2)) for r in self.records for k in r if (m := ALPHA_KEY.match(k)) and m.group(1) == site}
+        return sorted(found)
+
+
+def read_metrics(path: Path) -> Metrics:
+    """Records of ``metrics.jsonl`` by step; unreadable lines are skipped, counted and logged."""
+    out = Metrics()
+    if not path.is_file():
+        log.warning("%s does not exist: no training curves for this run", path)
+        return out
+    by_step: dict[int, dict] = {}
+    first_bad = None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"] if isinstance(record, dict) else None
+        except (ValueError, KeyError):
+            step = None
+        if not isinstance(step, int):
+            out.unreadable += 1
+            first_bad = first_bad or number
+            continue
+        if step in by_step:
+            out.duplicates += 1
+        by_step[step] = record
+    out.records = [by_step[s] for s in sorted(by_step)]
+    if out.unreadable:
+        log.warning("%s: skipped %d unreadable line(s), the first at line %d (a write cut short by a kill?)",
+                    path, out.unreadable, first_bad)
+    if out.duplicates:
+        log.warning("%s: %d step(s) logged more than once; the last record of each is used", path, out.duplicates)
+    return out
 
 
 def _start_wandb(run_dir: Path, cfg):

@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 
 from fms_dyt.config import ConfigError, load_config, model_args, norm_args, schedule
-from fms_dyt.errors import config_dtype
+from fms_dyt.errors import EXIT_CONFIG, config_dtype, refuse
 from fms_dyt.metrics import PEAK_FLOPS, flops_per_token, matmul_params
 from fms_dyt.model import ModelArgs, Transformer, count_parameters
 from fms_dyt.norms import POINTWISE
@@ -670,14 +670,12 @@ def main(argv: list[str] | None = None) -> int:
                              "device-to-host reads of its last step (fms_dyt.simulate)")
     ns = parser.parse_intermixed_args(argv)
     if not 0 < ns.mfu <= 1:
-        print(f"fms_dyt.plan: --mfu {ns.mfu} must be within (0, 1]", file=sys.stderr)
-        return 2
+        return refuse("fms_dyt.plan", f"--mfu {ns.mfu} must be within (0, 1]")
     try:
         cfg = load_config(ns.overrides)
         p = plan(cfg, ns.nodes, ns.gpus_per_node, ns.gpu, ns.mfu, ns.overhead_gib, ns.nvlink_gbs, ns.network_gbits)
     except ConfigError as e:
-        print(f"fms_dyt.plan: configuration error: {e}", file=sys.stderr)
-        return 2
+        return refuse("fms_dyt.plan", e)
     if ns.measure:
         from fms_dyt.parallel import checkpointed_blocks
 
@@ -715,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{p['gpu_memory_gib']:.0f} GiB of one {p['layout']['gpu'].upper()}; use more GPUs, activation "
                   "checkpointing (parallel.activation_checkpointing) or a smaller train.micro_batch_size",
                   file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
     return 0
 
 

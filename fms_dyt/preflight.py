@@ -16,7 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fms_dyt.failures import EXIT_PREFLIGHT, node_name
+from fms_dyt.errors import EXIT_PREFLIGHT
+from fms_dyt.failures import node_name
 
 log = logging.getLogger("fms_dyt")
 

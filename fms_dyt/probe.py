@@ -22,12 +22,11 @@ from typing import Callable, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 
-from fms_dyt.analysis.runs import read_metrics
 from fms_dyt.checkpoint import complete_checkpoints
-from fms_dyt.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from fms_dyt.errors import EXIT_ERROR as EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, refuse
+from fms_dyt.metrics import read_metrics
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
-EXIT_FAILED, EXIT_USAGE = 1, 2
 T = TypeVar("T")
 
 
@@ -196,8 +195,6 @@ def run_command(prog: str, work: Callable[[], T], failure: type[Exception]) -> t
     """``(work(), 0)``, or ``(None, exit code)`` after a one-line message: Ctrl-C (130; the runs in
     flight got it too and saved a checkpoint), SIGTERM/SIGUSR1 (75, likewise), a configuration
     error (2), ``failure`` (1)."""
-    from fms_dyt.config import ConfigError
-
     try:
         return work(), 0
     except KeyboardInterrupt:
@@ -208,8 +205,7 @@ def run_command(prog: str, work: Callable[[], T], failure: type[Exception]) -> t
               file=sys.stderr)
         return None, EXIT_PREEMPTED
     except ConfigError as e:
-        print(f"{prog}: configuration error: {e}", file=sys.stderr)
-        return None, EXIT_USAGE
+        return None, refuse(prog, e)
     except failure as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return None, EXIT_FAILED

@@ -6,7 +6,8 @@ holds a run and any of them differs from the new configuration, training stops b
 is written, listing each difference, unless ``train.resume=force`` asks for the change on
 purpose. Everything else may change between a run and its resumption: ``train.max_steps`` /
 ``train.tokens`` (a longer run), ``parallel.*`` (another world size or sharding), ``checkpoint.*``,
-``logging.*``, ``validation.*``, ``data.num_workers``, ``data.prefetch``, ``data.hub_retries``,
+``logging.*``, ``validation.*``, ``data.num_workers``, ``data.readers`` (the shards move to the new
+readers, as for a new world size), ``data.prefetch``, ``data.hub_retries``,
 ``data.validation_path`` (which documents val/loss reads, not which are trained on), ``name``.
 """
 
@@ -26,7 +27,7 @@ log = logging.getLogger("fms_dyt")
 
 SAME_RUN_KEYS = ("model", "norm", "tokenizer", "data", "optim", "seed",
                  "train.seq_len", "train.micro_batch_size", "train.global_batch_tokens")
-FREE_KEYS = ("data.num_workers", "data.prefetch", "data.hub_retries",  # how data is read, not which
+FREE_KEYS = ("data.num_workers", "data.readers", "data.prefetch", "data.hub_retries",  # how data is read, not which
              "data.validation_path")
 
 

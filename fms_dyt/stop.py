@@ -30,8 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: run the same command again to resume
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+from fms_dyt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 # Why a run stops; ranks agree on the largest reason any of them saw.
 RUNNING, INTERRUPTED, STOPPED, REQUEUE = 0, 1, 2, 3

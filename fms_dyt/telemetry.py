@@ -30,6 +30,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from fms_dyt.metrics import read_metrics
 from fms_dyt.norms import norm_sites
 from fms_dyt.parallel import on_rank0
 
@@ -54,7 +55,7 @@ def fixed_batch(cfg) -> torch.Tensor:
     from fms_dyt.data.config import DataConfig, as_config
     from fms_dyt.data.pipeline import PackedLoader
 
-    one_reader = replace(as_config(cfg.data, DataConfig), num_workers=0)
+    one_reader = replace(as_config(cfg.data, DataConfig), num_workers=0, readers=None)
     loader = PackedLoader(one_reader, cfg.tokenizer, seq_len=cfg.train.seq_len,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed, rank=0, world_size=1)
     inputs, _ = next(iter(loader))
@@ -141,8 +142,6 @@ class Telemetry:
         # same first file (with data=pile, the same hub stream)
         telemetry = cls(on_rank0(lambda: fixed_batch(cfg)), interval, total_steps, is_main)
         if resumed and is_main:
-            from fms_dyt.analysis.runs import read_metrics
-
             telemetry.replay(read_metrics(Path(cfg.run_dir) / "metrics.jsonl").records)
         return telemetry
 

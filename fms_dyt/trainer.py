@@ -25,7 +25,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from fms_dyt import failures, float8, watchdog
 from fms_dyt.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
-from fms_dyt.config import ConfigError, model_args, norm_args, schedule, validate
+from fms_dyt.config import model_args, norm_args, schedule, validate
+from fms_dyt.errors import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, counted, refuse
 from fms_dyt.metrics import Eta, MetricsLogger, Throughput, flops_per_token, norm_scalars, peak_flops, peak_memory_gib
 from fms_dyt.model import Transformer, count_parameters
 from fms_dyt.loss import cross_entropy
@@ -33,7 +34,7 @@ from fms_dyt.optim import build_optimizer, lr_at
 from fms_dyt.parallel import Dist, apply_parallelism, build_mesh, init_distributed, materialize, use_step_timeout
 from fms_dyt.preflight import PreflightError, preflight
 from fms_dyt.resume import check_same_run
-from fms_dyt.stop import EXIT_INTERRUPTED, StopRequest
+from fms_dyt.stop import StopRequest
 from fms_dyt.validation import build_validation
 from fms_dyt.telemetry import Telemetry
 from fms_dyt.watchdog import Watchdog
@@ -226,9 +227,10 @@ def _train(cfg, data, stop: StopRequest) -> int:
     if d.is_main:
         alpha0 = norm.alpha0()
         alphas = "; alpha0 " + ", ".join(f"{site} {a:.4g}" for site, a in alpha0.items()) if alpha0 else ""
-        log.info("model %s, norm %s: %s parameters%s; embedding scalar %s; %d steps, %d micro-batches a step on %d ranks",
+        log.info("model %s, norm %s: %s parameters%s; embedding scalar %s; %s, %s a step on %s",
                  cfg.model.name, norm.description(), f"{count_parameters(model)['total']:,}", alphas,
-                 "on" if norm.embedding_scale else "off", total_steps, accum, d.world_size)
+                 "on" if norm.embedding_scale else "off", counted(total_steps, "step"),
+                 counted(accum, "micro-batch", "micro-batches"), counted(d.world_size, "rank"))
     optimizer = build_optimizer(model, cfg.optim)
     if data is None:
         from fms_dyt.data import build_dataloader
@@ -247,9 +249,9 @@ def _train(cfg, data, stop: StopRequest) -> int:
         step, tokens_seen = meta["step"], meta["tokens_seen"]
         data.load_state_dict(meta["data_state"])
         if d.is_main:
-            log.info("resumed from %s (step %d, %s tokens, saved on %d ranks)%s", path, step, f"{tokens_seen:,}",
-                     meta["world_size"], f"; skipped {len(skipped)} newer checkpoint(s) that cannot be loaded"
-                     if skipped else "")
+            log.info("resumed from %s (step %d, %s, saved on %s)%s", path, step, counted(tokens_seen, "token"),
+                     counted(meta["world_size"], "rank"), f"; skipped {counted(len(skipped), 'newer checkpoint')} that "
+                     "cannot be loaded" if skipped else "")
     elif d.is_main:
         log.info("starting fresh at step 1: no checkpoint in %s", run_dir / "checkpoints")
 
@@ -347,20 +349,19 @@ def main(cfg) -> None:
     try:
         code = train(cfg)
     except ConfigError as e:
-        print(f"fms-dyt: configuration error: {e}", file=sys.stderr)
-        code = failures.note_exit(cfg.run_dir, failures.EXIT_CONFIG, e)
+        code = failures.note_exit(cfg.run_dir, refuse("fms-dyt", e), e)
     except NonFiniteError as e:
         print(f"fms-dyt: the run diverged: {e}", file=sys.stderr)
-        code = failures.note_exit(cfg.run_dir, failures.EXIT_DIVERGED, e)
+        code = failures.note_exit(cfg.run_dir, EXIT_DIVERGED, e)
     except (CheckpointError, PreflightError) as e:
         print(f"fms-dyt: {e}", file=sys.stderr)
-        code = failures.note_exit(cfg.run_dir, getattr(e, "exit_code", 1), e)
+        code = failures.note_exit(cfg.run_dir, getattr(e, "exit_code", EXIT_ERROR), e)
     except KeyboardInterrupt:
         print(f"\nfms-dyt: stopped at once by a second Ctrl-C; the newest checkpoint in {cfg.run_dir}/checkpoints "
               "is where the same command resumes", file=sys.stderr)
         code = failures.note_exit(cfg.run_dir, EXIT_INTERRUPTED)
     except Exception as e:  # recorded (a hung rank's stacks dumped first), then raised as before
-        failures.note_exit(cfg.run_dir, 1, e)
+        failures.note_exit(cfg.run_dir, EXIT_ERROR, e)
         raise
     else:
         failures.note_exit(cfg.run_dir, code)

@@ -36,7 +36,8 @@ import time
 import traceback
 from collections import deque
 
-from fms_dyt.failures import EXIT_HUNG, attempt_dir, node_name, write_rank_record
+from fms_dyt.errors import EXIT_HUNG
+from fms_dyt.failures import attempt_dir, node_name, write_rank_record
 
 log = logging.getLogger("fms_dyt")
 current: "Watchdog | None" = None  # this process's, for fms_dyt.failures.note_exit

@@ -1,5 +1,6 @@
-"""Fixtures shared by several test files (test files never import each other), and the ``gpu``
-marker: tests marked ``gpu`` need a CUDA GPU; without one they are skipped, saying so."""
+"""Fixtures shared by several test files (their plain functions are in helpers.py; test files
+never import each other), and the ``gpu`` marker: tests marked ``gpu`` need a CUDA GPU; without
+one they are skipped, saying so."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import losses
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,12 +73,6 @@ def _torchrun(run_dir, *args, nproc=2) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _losses(run_dir) -> dict[int, float]:
-    """Losses by step. Polled while the trainer writes: a last line without its newline is not read yet."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines(keepends=True)
-    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.endswith("\n"))}
-
-
 def _kill_and_resume(run_dir, args, kill_after: int, resume_step: int, nproc=2) -> str:
     """Train ``args`` in ``run_dir`` on ``nproc`` ranks, SIGKILL torchrun and every rank once step
     ``kill_after`` is logged (no chance to save), then run the same command again, which must
@@ -87,7 +83,7 @@ def _kill_and_resume(run_dir, args, kill_after: int, resume_step: int, nproc=2) 
 
     proc = _torchrun(run_dir, *args, nproc=nproc)
     deadline = time.time() + 600
-    while not (run_dir / "metrics.jsonl").exists() or kill_after not in _losses(run_dir):
+    while not (run_dir / "metrics.jsonl").exists() or kill_after not in losses(run_dir):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.05)
     # torchrun and its ranks (torchrun puts workers in sessions of their own)
@@ -104,7 +100,7 @@ def _kill_and_resume(run_dir, args, kill_after: int, resume_step: int, nproc=2) 
 def killed_runs():
     """``.torchrun(run_dir, *args, nproc=2)`` (a Popen), ``.losses(run_dir)`` (losses by step of a
     run's metrics.jsonl) and ``.kill_and_resume(run_dir, args, kill_after, resume_step, nproc=2)``."""
-    return SimpleNamespace(torchrun=_torchrun, losses=_losses, kill_and_resume=_kill_and_resume)
+    return SimpleNamespace(torchrun=_torchrun, losses=losses, kill_and_resume=_kill_and_resume)
 
 
 # ---- a trained run: resumed, evaluated ------------------------------------------------------

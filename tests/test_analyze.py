@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import matplotlib.image
@@ -20,8 +18,7 @@ from fms_dyt.analyze import analyze, main
 from fms_dyt.inference import load_for_inference
 from fms_dyt.config import load_config
 from fms_dyt.eval.report import averages, default_output, metric_rows, write_json
-from fms_dyt.trainer import train
-from in_memory import CountedBatches
+from helpers import CountedBatches, train_here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,16 +43,7 @@ def _train(run_dir: Path, norm: str) -> Path:
         "parallel.param_dtype=float32", "logging.interval=1", "logging.wandb.mode=disabled", "optim.lr=3e-3",
         "optim.warmup_steps=2", "checkpoint.interval=3", "checkpoint.keep=0", f"run_dir={run_dir}",
     ])
-    # train() sets up a one-process group (env vars) and SIGTERM/SIGUSR1 handlers: give this pytest process them back.
-    saved_env = dict(os.environ)
-    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        assert train(cfg, data=RepeatedHalves()) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        for sig, handler in saved_handlers.items():
-            signal.signal(sig, handler)
+    train_here(cfg, RepeatedHalves())
     return run_dir
 
 

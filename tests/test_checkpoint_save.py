@@ -18,6 +18,7 @@ from fms_dyt import checkpoint
 from fms_dyt.checkpoint import Checkpointer, complete_checkpoints
 from fms_dyt.config import load_config, model_args, norm_args
 from fms_dyt.model import Transformer, count_parameters
+from helpers import losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,11 +140,6 @@ def small_fs(tmp_path):
     subprocess.run(["umount", str(where)], check=False)
 
 
-def _losses(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
-
-
 def test_a_save_that_runs_out_of_space_loses_nothing_and_resumes_after_space_is_freed(tmp_path, small_fs):
     where, mount = small_fs
     train = [sys.executable, "train.py", *SMALL_RUN]
@@ -169,14 +165,14 @@ def test_a_save_that_runs_out_of_space_loses_nothing_and_resumes_after_space_is_
     assert m.group(1) == str(run_dir / "checkpoints" / "step_4")
     need, free = (int(g.replace(",", "")) for g in m.groups()[1:])
     assert 0.5 * size < need < 2 * size and free < need, (need, free, size)
-    before = _losses(run_dir)
+    before = losses(run_dir)
     assert sorted(before) == [1, 2, 3, 4]
 
     filler.unlink()
     again = subprocess.run(train + [f"run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} (step 2," in again.stdout + again.stderr
-    after = _losses(run_dir)
+    after = losses(run_dir)
     assert after == before  # steps 3 and 4 again, bit for bit the uninterrupted ones
     # step_4 complete, step_2 went (checkpoint.keep=1) only then
     assert sorted(d.name for d in (run_dir / "checkpoints").iterdir()) == ["step_4"]

@@ -64,3 +64,15 @@ def test_bad_override_and_missing_data_fail_clearly(tmp_path, capsys):
     assert main(["scan", "data=local", f"data.path={tmp_path / 'nothing'}", "--world-size", "1"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "data.path" in err
+
+
+def test_scan_reports_the_held_out_documents(tmp_path, capsys):
+    """Held-out rows are counted apart: with them, the documents seen are the whole corpus; four
+    readers played by two workers see every document once."""
+    info = write_shards(tmp_path, files=2, rows=80)
+    assert main(["scan", "data=local", f"data.path={tmp_path}", "data.holdout=0.2", "data.readers=4",
+                 "data.num_workers=2", "--world-size", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["held_out"] < info["documents"] == 160
+    assert report["documents_seen"] + report["held_out"] == info["documents"]
+    assert report["duplicates"] == report["missing"] == 0 and report["readers_per_rank"] == 4

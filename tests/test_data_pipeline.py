@@ -55,16 +55,16 @@ class Coverage:
 
 
 def run(loader, coverage, batches=None, until_epoch=None):
-    """Take ``batches`` batches, or until every worker has delivered tokens of ``until_epoch``."""
+    """Take ``batches`` batches, or until every reader has delivered tokens of ``until_epoch``."""
     done, taken, it = set(), 0, iter(loader)
     try:
-        while (batches is None or taken < batches) and (until_epoch is None or len(done) < loader.workers):
+        while (batches is None or taken < batches) and (until_epoch is None or len(done) < loader.per_rank):
             next(it)
             taken += 1
-            worker, _, spans = loader.last_trace
+            reader, _, spans = loader.last_trace
             coverage.add(spans)
             if until_epoch is not None and any(s[0] >= until_epoch for s in spans):
-                done.add(worker)
+                done.add(reader)
     finally:
         loader.close()
     return taken
@@ -146,6 +146,31 @@ def test_resume_is_bit_identical_with_shuffle_and_two_workers(shards):
         resumed.close()
 
 
+def test_readers_not_workers_make_the_order_and_resume_across_worker_counts(shards):
+    """Four readers give the same batches played by two worker processes (two readers each), by
+    one, or by the training process; a state saved with one count resumes exactly with another."""
+    path, _ = shards
+    streams = {}
+    for workers in (2, 1, 0):
+        loader = make_loader(path, readers=4, num_workers=workers)
+        it = iter(loader)
+        streams[workers] = [next(it)[0] for _ in range(13)]
+        loader.close()
+    for workers in (1, 0):
+        assert all(torch.equal(a, b) for a, b in zip(streams[2], streams[workers])), workers
+    saved = json.loads(json.dumps(loader.state_dict()))  # after 13 batches: in the middle of the readers' turn
+    reference, resumed = make_loader(path, readers=4, num_workers=2), make_loader(path, readers=4, num_workers=1)
+    resumed.load_state_dict([saved])
+    it = iter(reference)
+    expected = [next(it)[0] for _ in range(22)][13:]
+    it = iter(resumed)
+    assert all(torch.equal(a, next(it)[0]) for a in expected)
+    reference.close()
+    resumed.close()
+    with pytest.raises(ValueError, match="data.readers=3 must be >= 1 and a multiple of data.num_workers=2"):
+        make_loader(path, readers=3, num_workers=2)
+
+
 def _with_old_names(state):
     """A rank's data state as fms-dyt wrote it before its fields were renamed (2026-12)."""
     def reader(r):
@@ -187,7 +212,7 @@ def test_rescale_from_two_ranks(shards, new_world):
         loader = make_loader(path, rank=rank, world_size=new_world)
         loader.load_state_dict(states)
         run(loader, coverage, until_epoch=1)
-    expected, _, _ = present_documents(make_loader(path))
+    expected = present_documents(make_loader(path))[0]
     coverage.check_epoch(0, expected)
 
 
@@ -204,7 +229,7 @@ def test_rescale_while_workers_are_in_different_epochs(shards):
         loader.load_state_dict(states)
         run(loader, coverage, until_epoch=2)
     for epoch in (0, 1):
-        expected, _, _ = present_documents(make_loader(path))
+        expected = present_documents(make_loader(path))[0]
         coverage.check_epoch(epoch, expected)
 
 
@@ -214,7 +239,7 @@ def test_mixture_weights(shards):
     cfg = data_cfg(path, weights=weights)
     report = scan(cfg, TokenizerConfig(), world_size=2, seq_len=SEQ, micro_batch_size=MB, seed=SEED)
     assert report["duplicates"] == report["missing"] == 0
-    expected, _, _ = present_documents(make_loader(path, weights=weights))
+    expected = present_documents(make_loader(path, weights=weights))[0]
     by_subset = defaultdict(int)
     for subset in expected.values():
         by_subset[subset] += 1

@@ -3,10 +3,7 @@ the analysis; and the point-wise telemetry interface (preactivation, saturated_a
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,32 +15,17 @@ from fms_dyt.metrics import norm_scalars
 from fms_dyt.model import ModelArgs, Transformer
 from fms_dyt.norms import Derf, DyT, NormArgs, RMSNorm
 from fms_dyt.plan import plan
+from helpers import metrics_by_step, tiny_sample_run, train_py, trained
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS, INTERVAL = 4, 2
-TRAIN = ["model=tiny", "model.n_layers=2", "norm=derf", "tokenizer=sample", "model.vocab_size=8000", "optim.lr=3e-3", f"validation.interval={INTERVAL}", "validation.tokens=330", "data=sample", "data.num_workers=1",
-         "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_tokens=128", f"train.max_steps={STEPS}",
-         f"checkpoint.interval={INTERVAL}", "checkpoint.keep=2", "parallel.param_dtype=float32",
-         "logging.interval=1", "logging.wandb.mode=disabled"]
+TRAIN = tiny_sample_run("norm=derf", "tokenizer=sample", "model.vocab_size=8000", "optim.lr=3e-3",
+                        f"validation.interval={INTERVAL}", "validation.tokens=330", steps=STEPS, interval=INTERVAL)
 SMALL = ModelArgs(dim=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=64)
-
-
-def _train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *TRAIN, f"run_dir={run_dir}", *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-
-
-def _records(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl by step; a step logged again after a resume keeps its later record."""
-    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("derf") / "run"
-    done = _train(run_dir)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return run_dir
+    return trained(tmp_path_factory.mktemp("derf") / "run", *TRAIN)
 
 
 def _trained_derf(dim: int = 8, seed: int = 0) -> Derf:
@@ -132,21 +114,18 @@ def test_analysis_draws_erf_over_derf_layers():
 
 
 def test_trains_and_resumes_with_the_losses_of_an_uninterrupted_run(run_dir, resumed_copy):
-    uninterrupted = _records(run_dir)
+    uninterrupted = metrics_by_step(run_dir)
     assert sorted(uninterrupted) == list(range(1, STEPS + 1))
     assert uninterrupted[STEPS]["val/loss"] < uninterrupted[INTERVAL]["val/loss"]  # learns: the same held-out windows
     assert {"alpha/attn/0", "shift/ffn/1", "shift/final", "embedding_scale"} <= set(uninterrupted[STEPS])
     assert uninterrupted[STEPS]["shift/final"] != 0.0  # s learns
-    again = _records(resumed_copy(run_dir, STEPS, INTERVAL, _train))
+    again = metrics_by_step(resumed_copy(run_dir, STEPS, INTERVAL, lambda copy: train_py(copy, *TRAIN)))
     for step in range(INTERVAL + 1, STEPS + 1):
         assert again[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-5), step
 
 
-def test_export_rebuilds_derf_with_the_same_logits(run_dir, exported_fms_dyt):
+def test_the_trained_run_exports_with_the_same_logits_and_evaluates(run_dir, exported_fms_dyt, tiny_zero_shot):
     config, theirs = exported_fms_dyt(run_dir, "--format fms_dyt")
     assert config["norm"]["kind"] == "derf"
     assert isinstance(theirs.model.norm, Derf) and isinstance(theirs.model.layers[0].attention_norm, Derf)
-
-
-def test_zero_shot_runs_on_the_bundled_tiny_task(run_dir, tiny_zero_shot):
-    assert tiny_zero_shot(run_dir)["model"]["norm"]["kind"] == "derf"
+    assert tiny_zero_shot(run_dir)["model"]["norm"]["kind"] == "derf"  # the bundled tiny task, offline

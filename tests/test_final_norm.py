@@ -4,7 +4,6 @@ evaluation and analysis."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,31 +14,17 @@ from fms_dyt.analyze import analyze
 from fms_dyt.metrics import norm_scalars
 from fms_dyt.model import ModelArgs, Transformer
 from fms_dyt.norms import DyT, NormArgs, RMSNorm
+from helpers import losses, metrics_by_step, tiny_sample_run, train_py, trained
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, INTERVAL = 4, 2
-TRAIN = ["model=tiny", "model.n_layers=2", "norm=dyt", "norm.final=rmsnorm", "tokenizer=sample", "model.vocab_size=8000", "optim.lr=3e-3", f"validation.interval={INTERVAL}", "validation.tokens=330", "data=sample", "data.num_workers=1",
-         "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_tokens=128", f"train.max_steps={STEPS}",
-         f"checkpoint.interval={INTERVAL}", "checkpoint.keep=2", "parallel.param_dtype=float32",
-         "logging.interval=1", "logging.wandb.mode=disabled"]
-
-
-def _train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *TRAIN, f"run_dir={run_dir}", *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Loss by step; a step logged again after a resume keeps its later value."""
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+TRAIN = tiny_sample_run("norm=dyt", "norm.final=rmsnorm", "tokenizer=sample", "model.vocab_size=8000", "optim.lr=3e-3",
+                        f"validation.interval={INTERVAL}", "validation.tokens=330", steps=STEPS, interval=INTERVAL)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("final_rmsnorm") / "run"
-    done = _train(run_dir)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return run_dir
+    return trained(tmp_path_factory.mktemp("final_rmsnorm") / "run", *TRAIN)
 
 
 def test_blocks_and_final_norm_are_built_per_site():
@@ -56,20 +41,19 @@ def test_blocks_and_final_norm_are_built_per_site():
 
 
 def test_trains_and_resumes_with_the_losses_of_an_uninterrupted_run(run_dir, resumed_copy):
-    uninterrupted = _losses(run_dir)
+    uninterrupted = losses(run_dir)
     assert sorted(uninterrupted) == list(range(1, STEPS + 1))
-    val = {r["step"]: r["val/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-           if "val/loss" in r}
+    val = {step: r["val/loss"] for step, r in metrics_by_step(run_dir).items() if "val/loss" in r}
     assert val[STEPS] < val[INTERVAL]  # it learns: the loss on the same held-out windows falls
     # Stopped after its first checkpoint: a copy of the run without the last checkpoint and steps.
-    again = _losses(resumed_copy(run_dir, STEPS, INTERVAL, _train))
+    again = losses(resumed_copy(run_dir, STEPS, INTERVAL, lambda copy: train_py(copy, *TRAIN)))
     for step in range(INTERVAL + 1, STEPS + 1):
         assert again[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
 
 
 def test_the_resume_guard_refuses_another_final_norm(run_dir):
     before = (run_dir / "config.yaml").read_text()
-    done = _train(run_dir, "norm.final=null")
+    done = train_py(run_dir, *TRAIN, "norm.final=null")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert "norm.final" in done.stderr
     assert (run_dir / "config.yaml").read_text() == before

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -29,26 +30,18 @@ def _torchrun(run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    lines = path.read_text().splitlines(keepends=True)
-    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.endswith("\n"))}
-
-
 @pytest.mark.gpu
 def test_nccl_bf16_compiled_accumulation_async_save_sigterm_and_resume(tmp_path):
     """torchrun with NCCL, bf16 mixed precision, compiled blocks, 2 micro-batches a step, async
     checkpoints; SIGTERM -> exit 75 -> resume with the losses of an uninterrupted run."""
     ref, stopped = tmp_path / "ref", tmp_path / "stopped"
     out, _ = _torchrun(ref).communicate(timeout=300)
-    assert sorted(_losses(ref)) == list(range(1, STEPS + 1)), out
+    assert sorted(losses(ref)) == list(range(1, STEPS + 1)), out
     assert "2 micro-batches a step" in out, out
 
     proc = _torchrun(stopped)
     deadline = time.time() + 300
-    while 3 not in _losses(stopped):
+    while 3 not in losses(stopped):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.1)
     for worker in psutil.Process(proc.pid).children(recursive=True):
@@ -56,12 +49,12 @@ def test_nccl_bf16_compiled_accumulation_async_save_sigterm_and_resume(tmp_path)
     out, _ = proc.communicate(timeout=300)
     # torchrun reports the worker's exit 75 (checkpoint saved, run again to resume) as a failure.
     assert re.search(r"exitcode\s*:\s*75", out), out
-    last = max(_losses(stopped))
+    last = max(losses(stopped))
     assert 3 <= last < STEPS and (stopped / "checkpoints" / f"step_{last}" / "meta.json").is_file(), out
 
     out, _ = _torchrun(stopped).communicate(timeout=300)
     assert "resumed from" in out, out
-    again, expected = _losses(stopped), _losses(ref)
+    again, expected = losses(stopped), losses(ref)
     for step in range(last + 1, STEPS + 1):
         assert again[step] == expected[step], (step, again[step], expected[step])
 
@@ -108,7 +101,7 @@ def test_no_device_sync_between_log_steps(tmp_path, monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     assert code == 0
     assert strict == [2, 3, 5, 6, 7]
-    assert sorted(_losses(tmp_path / "run")) == [4, 8, 9]
+    assert sorted(losses(tmp_path / "run")) == [4, 8, 9]
 
 
 def test_gpu_check_dry_run_collects_the_gpu_tests_and_checks_the_benchmarks(tmp_path):

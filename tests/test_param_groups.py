@@ -3,9 +3,7 @@ them, old one-group checkpoints, and the check of the lr multiplier."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +13,12 @@ from fms_dyt.checkpoint import Checkpointer
 from fms_dyt.config import load_config, model_args, norm_args
 from fms_dyt.model import Transformer
 from fms_dyt.optim import build_optimizer, lr_at
+from helpers import metrics_by_step, tiny_sample_run, train_py
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS, INTERVAL, SCALE = 4, 2, 4.0
 GROUPS = ["optim.decay_alpha_and_shift=false", "optim.decay_norm_weights=false",
           "optim.decay_embedding_scale=false", f"optim.alpha_and_shift_lr_scale={SCALE}"]
-TRAIN = ["model=tiny", "model.n_layers=2", "norm=derf", "data=sample", "data.num_workers=1",
-         "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_tokens=128", f"train.max_steps={STEPS}",
-         f"checkpoint.interval={INTERVAL}", "checkpoint.keep=2", "parallel.param_dtype=float32",
-         "logging.interval=1", "logging.wandb.mode=disabled", *GROUPS]
+TRAIN = tiny_sample_run("norm=derf", *GROUPS, steps=STEPS, interval=INTERVAL)
 
 
 def _model_and_config(*overrides):
@@ -72,19 +67,14 @@ def test_each_switch_moves_exactly_its_parameters():
 
 
 def _train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *TRAIN, f"run_dir={run_dir}", *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-
-
-def _records(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return train_py(run_dir, *TRAIN, *overrides)
 
 
 def test_groups_train_at_their_lr_and_resume_with_identical_losses(tmp_path, resumed_copy):
     run_dir = tmp_path / "run"
     done = _train(run_dir)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    records = _records(run_dir)
+    records = metrics_by_step(run_dir)
     # Adam's first step moves a parameter by its lr (m / √v = ±1, up to ε) and α and s do not decay:
     # α moved by SCALE times the scheduled lr of step 1.
     cfg = load_config([*TRAIN, f"run_dir={run_dir}"])
@@ -93,7 +83,7 @@ def test_groups_train_at_their_lr_and_resume_with_identical_losses(tmp_path, res
     for key in ("alpha/attn/0", "alpha/ffn/1", "alpha/final", "shift/attn/1"):
         start = 0.0 if key.startswith("shift") else 1.0
         assert abs(records[1][key] - start) == pytest.approx(SCALE * lr1, rel=1e-2), key  # ε: |g| / (|g| + ε)
-    again = _records(resumed_copy(run_dir, STEPS, INTERVAL, _train))
+    again = metrics_by_step(resumed_copy(run_dir, STEPS, INTERVAL, _train))
     for step in range(INTERVAL + 1, STEPS + 1):
         assert again[step]["loss"] == pytest.approx(records[step]["loss"], rel=1e-5), step
 

@@ -1,6 +1,5 @@
 """A run directory belongs to one run, and checkpoints that fail to load are named and skipped."""
 
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from fms_dyt.checkpoint import CheckpointError, checkpoint_problem
 from fms_dyt.config import ConfigError, load_config
 from fms_dyt.resume import check_same_run
 from fms_dyt.trainer import train
+from helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "model.n_layers=2", "train.seq_len=32", "train.micro_batch_size=2",
@@ -108,10 +108,6 @@ def _train(run_dir, *overrides):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 def test_a_truncated_newest_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, caplog):

@@ -3,7 +3,6 @@ workers and W&B's process included) -> exit 75 with a checkpoint, Ctrl-C -> exit
 command resumes with the losses of an uninterrupted run; submitit's SIGUSR2 -> every rank saves,
 then submitit requeues."""
 
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ import torch.multiprocessing as mp
 from fms_dyt import stop as stop_module
 from fms_dyt.config import load_config
 from fms_dyt.trainer import main, train
-from in_memory import CountedBatches
+from helpers import CountedBatches, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -31,13 +30,6 @@ ARGS = ["experiment=quickstart", "model.n_layers=2", f"train.max_steps={STEPS}",
 def start(run_dir, *extra):
     return subprocess.Popen([sys.executable, "train.py", *ARGS, f"run_dir={run_dir}", *extra], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def losses(run_dir):
-    """Losses by step; a last line still being written is not read yet."""
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.endswith("\n"))}
 
 
 def wait_for_step(proc, run_dir, step):

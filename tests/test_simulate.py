@@ -43,7 +43,7 @@ def _simulate(overrides: list[str], nodes: int = 1, gpus_per_node: int = 2) -> d
     return json.loads(out.stdout)
 
 
-def _measure(overrides: list[str], tmp_path: Path) -> int:
+def _measure(overrides: list[str], tmp_path: Path) -> dict:
     result = tmp_path / "measured.json"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -51,16 +51,18 @@ def _measure(overrides: list[str], tmp_path: Path) -> int:
         capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(result.read_text())["peak_bytes"]
+    return json.loads(result.read_text())
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_simulated_peak_matches_a_real_cpu_run(variant, tmp_path):
     overrides = SMALL + VARIANTS[variant]
     simulated = _simulate(overrides)
-    measured_gib = _measure(overrides, tmp_path) / 2**30
+    measured = _measure(overrides, tmp_path)
+    measured_gib = measured["peak_bytes"] / 2**30
     # A CPU has no CUDA context: the measured bytes compare with the simulated tensors alone.
-    print(f"{variant}: simulated {simulated['simulated_tensor_peak_gib']:.3f} GiB, measured {measured_gib:.3f} GiB")
+    print(f"{variant}: simulated {simulated['simulated_tensor_peak_gib']:.3f} GiB, measured {measured_gib:.3f} GiB "
+          f"({measured['samples']} samples of rank 0)")
     assert simulated["simulated_tensor_peak_gib"] == pytest.approx(measured_gib, rel=0.15), (simulated, measured_gib)
     parts = simulated["simulated_gib"]
     assert set(parts) == {"params", "grads", "optimizer", "activations", "comm", "overhead"}
@@ -157,7 +159,7 @@ def _real_run(result: str, overrides: list[str]) -> None:
             train_step(model, optimizer, itertools.repeat((tokens, tokens)), accum, cfg.optim.grad_clip,
                        d.device, defer_grad_sync=cfg.parallel.defer_grad_sync)
     if d.is_main:
-        Path(result).write_text(json.dumps({"peak_bytes": malloc.peak - malloc.baseline}))
+        Path(result).write_text(json.dumps({"peak_bytes": malloc.peak - malloc.baseline, "samples": malloc.samples}))
     torch.distributed.destroy_process_group()
 
 
@@ -185,46 +187,54 @@ _SAMPLED_BYTES = 65536
 
 
 def _malloc_peak():
-    """The C library's bytes in use, sampled where they can peak: after every tensor operation that
-    allocates a block of its own, and after every collective (gloo's copies of its buffers are
-    alive when the op returns). This is the allocator's own accounting, independent of fms-dyt's
-    meter. (torch.profiler's allocation events miss the frees made on gloo's threads, so their
-    running total only grows.) With MALLOC_MMAP_THRESHOLD_ fixed, every tensor above 64 KiB is a
-    block of its own that leaves the count when it is freed; the count only grows when something
-    is allocated, so an operation whose outputs are views or inputs written in place, or smaller
-    than a block, cannot set a peak that the next sample would not see, bar those few small bytes.
-    mallinfo2 walks every arena's free lists, so a sample is not free: sampling after every
-    operation made the accumulation run take minutes on a loaded machine."""
+    """The C library's bytes in use, sampled where they can reach a new peak. This is the
+    allocator's own accounting, independent of fms-dyt's meter. (torch.profiler's allocation
+    events miss the frees made on gloo's threads, so their running total only grows.) With
+    MALLOC_MMAP_THRESHOLD_ fixed, every tensor above 64 KiB is a block of its own that leaves the
+    count when it is freed, so between two samples the count grows by at most the blocks the
+    operations in between returned (bar a few small bytes): a sample is taken when those blocks,
+    added to the last sample, could pass the peak so far, and after every collective (gloo's
+    copies of its buffers are alive when the op returns). mallinfo2 walks every arena's free
+    lists, so a sample is not free: after every operation the accumulation run took minutes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class MallocPeak(TorchDispatchMode):
         samples = 0
 
         def __enter__(self):
-            self.baseline = self.peak = _malloc_in_use()
+            self.baseline = self.peak = self.last = _malloc_in_use()
+            self.grown = 0  # bytes of the blocks returned since the last sample
             return super().__enter__()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.namespace == "c10d" or _allocates(out, args):
+            self.grown += _new_block_bytes(out, args)
+            if func.namespace == "c10d" or self.last + self.grown > self.peak:
                 self.samples += 1
-                self.peak = max(self.peak, _malloc_in_use())
+                self.last, self.grown = _malloc_in_use(), 0
+                self.peak = max(self.peak, self.last)
             return out
 
     return MallocPeak()
 
 
-def _allocates(out, args) -> bool:
-    """Whether ``out`` holds a storage of at least :data:`_SAMPLED_BYTES` that none of ``args`` holds."""
+_PAGE = 4096
+
+
+def _new_block_bytes(out, args) -> int:
+    """Bytes of the blocks of their own (storages of :data:`_SAMPLED_BYTES` or more, rounded up to
+    whole pages and one for the block's header) that ``out`` holds and none of ``args`` holds."""
     import torch
     from torch.utils._pytree import tree_flatten
 
-    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
-            and t.untyped_storage().nbytes() >= _SAMPLED_BYTES]
-    if not outs:
-        return False
-    inputs = {t.untyped_storage()._cdata for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
-    return any(t.untyped_storage()._cdata not in inputs for t in outs)
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tree_flatten(out)[0]
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= _SAMPLED_BYTES}
+    if not storages:
+        return 0
+    for t in tree_flatten(args)[0]:
+        if isinstance(t, torch.Tensor):
+            storages.pop(t.untyped_storage()._cdata, None)
+    return sum(-(-n // _PAGE) * _PAGE + _PAGE for n in storages.values())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import fms_dyt.config  # noqa: F401  (registers the config schema train.yaml builds on)
+from helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "slurm/llama7b_dyt.sh"
@@ -289,12 +290,6 @@ def test_alpha0_sweep_runs_on_slurm(slurm, tmp_path):
 
 STEPS = 6  # RUN's
 FAILURES_RECORD = "failures.jsonl"  # fms_dyt.failures.RECORD
-
-
-def losses(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().split("\n")[:-1] if path.exists() else []
-    return {r["step"]: r["loss"] for r in (json.loads(line) for line in lines if line.strip())}
 
 
 def trainer_pid(job_id: str, node: str) -> int | None:

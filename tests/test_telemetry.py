@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from fms_dyt.norms import DyT, RMSNorm
 from fms_dyt.parallel import free_port
 from fms_dyt.telemetry import Telemetry, measure
 from fms_dyt.trainer import train
-from in_memory import CountedBatches
+from helpers import CountedBatches, metrics_by_step, train_here
 
 SEQ, MICRO, LAYERS, STEPS = 16, 2, 2, 5
 SITES = [f"{kind}/{i}" for i in range(LAYERS) for kind in ("attn", "ffn")] + ["final"]
@@ -69,7 +68,7 @@ def test_two_fsdp_ranks_log_the_telemetry_of_one_process(tmp_path):
     for world in (1, 2):
         mp.start_processes(_rank_worker, args=(world, free_port(), [*overrides, f"run_dir={tmp_path / str(world)}"]),
                            nprocs=world, start_method="spawn")
-    one, two = _records(tmp_path / "1"), _records(tmp_path / "2")
+    one, two = metrics_by_step(tmp_path / "1"), metrics_by_step(tmp_path / "2")
     assert sorted(one) == sorted(two) == [1, 2]
     for step in one:
         keys = _telemetry_keys(one[step]) - {"telemetry/time_s"}
@@ -80,12 +79,7 @@ def test_two_fsdp_ranks_log_the_telemetry_of_one_process(tmp_path):
 def _train(run_dir: Path, *overrides: str) -> Path:
     cfg = load_config([*TINY, f"train.max_steps={STEPS}", "logging.interval=10", "logging.telemetry_interval=2",
                        "checkpoint.interval=100", f"run_dir={run_dir}", *overrides])
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        assert train(cfg, data=RandomBatches()) == 0
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    train_here(cfg, RandomBatches())
     return run_dir
 
 
@@ -95,16 +89,12 @@ def runs(tmp_path_factory):
     return {"dyt": _train(root / "dyt", "norm=dyt"), "rmsnorm": _train(root / "rms", "norm=rmsnorm")}
 
 
-def _records(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-
-
 def _telemetry_keys(record: dict) -> set[str]:
     return {k for k in record if k.startswith("telemetry/")}
 
 
 def test_a_dyt_run_logs_every_quantity_of_every_site_at_the_interval_steps_and_the_last(runs):
-    records = _records(runs["dyt"])
+    records = metrics_by_step(runs["dyt"])
     assert sorted(records) == [2, 4, 5]  # logging.interval 10: only the telemetry steps and the last are written
     expected = {f"telemetry/{q}/{site}" for q in ("input_rms", "saturated", "alpha", "gamma_abs") for site in SITES}
     for step, record in records.items():
@@ -114,7 +104,7 @@ def test_a_dyt_run_logs_every_quantity_of_every_site_at_the_interval_steps_and_t
 
 
 def test_an_rmsnorm_run_logs_the_input_rms_only(runs):
-    records = _records(runs["rmsnorm"])
+    records = metrics_by_step(runs["rmsnorm"])
     assert sorted(records) == [2, 4, 5]
     for record in records.values():
         assert _telemetry_keys(record) == {f"telemetry/input_rms/{s}" for s in SITES} | {"telemetry/time_s"}
@@ -122,7 +112,7 @@ def test_an_rmsnorm_run_logs_the_input_rms_only(runs):
 
 def test_null_disables_telemetry_and_an_interval_below_one_is_refused(tmp_path):
     run_dir = _train(tmp_path / "off", "norm=dyt", "logging.telemetry_interval=null")
-    assert sorted(_records(run_dir)) == [5] and not _telemetry_keys(_records(run_dir)[5])
+    assert sorted(metrics_by_step(run_dir)) == [5] and not _telemetry_keys(metrics_by_step(run_dir)[5])
     with pytest.raises(ConfigError, match=r"logging.telemetry_interval=0 must be >= 1"):
         load_config([*TINY, "logging.telemetry_interval=0"])
 
@@ -190,7 +180,7 @@ def test_the_analysis_draws_each_runs_telemetry_and_notes_a_run_without(runs, tm
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(runs["dyt"] / "config.yaml", bare / "config.yaml")
-    stripped = [{k: v for k, v in r.items() if not k.startswith("telemetry/")} for r in _records(runs["dyt"]).values()]
+    stripped = [{k: v for k, v in r.items() if not k.startswith("telemetry/")} for r in metrics_by_step(runs["dyt"]).values()]
     (bare / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
     result = analyze([runs["dyt"], runs["rmsnorm"], bare], tmp_path / "report", checkpoints=False)
     dyt, rms = result.figures["telemetry_dyt.png"], result.figures["telemetry_rms.png"]
@@ -201,7 +191,7 @@ def test_the_analysis_draws_each_runs_telemetry_and_notes_a_run_without(runs, tm
                                                  "α of each norm", "mean |γ| of each norm"]
     lines = [ln for ln in panels[0].get_lines() if ln.get_gid() == "series"]
     assert len(lines) == len(SITES) and list(lines[0].get_xdata()) == [2, 4, 5]
-    assert list(lines[0].get_ydata()) == [r["telemetry/input_rms/attn/0"] for r in _records(runs["dyt"]).values()]
+    assert list(lines[0].get_ydata()) == [r["telemetry/input_rms/attn/0"] for r in metrics_by_step(runs["dyt"]).values()]
     assert [ax.get_title() for ax in rms.axes if ax.get_visible() and ax.get_title()] == [panels[0].get_title()]
     report = result.report.read_text()
     assert "![telemetry of the norm sites, dyt](telemetry_dyt.png)" in report

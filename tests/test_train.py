@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from fms_dyt.config import ConfigError, load_config
 from fms_dyt.parallel import free_port
 from fms_dyt.trainer import NonFiniteError, train
+from helpers import losses
 
 SEQ, MICRO = 32, 2
 BASE = ["model=tiny", "model.n_layers=2", "norm=dyt", f"train.seq_len={SEQ}", f"train.micro_batch_size={MICRO}",
@@ -56,10 +57,6 @@ def run(world, overrides):
     codes = mp.Manager().dict()
     mp.start_processes(_worker, args=(world, free_port(), BASE + overrides, codes), nprocs=world, start_method="spawn")
     return dict(codes)
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))}
 
 
 def test_two_fsdp_ranks_match_one_process(tmp_path):

@@ -35,7 +35,7 @@ def corpus_lines(data_cfg, seed: int, max_chars: float, stats: dict):
     from fms_dyt.data.pipeline import PackedLoader, Reader
     from fms_dyt.data.state import fresh_reader_state
 
-    one_reader = replace(as_config(data_cfg, DataConfig), num_workers=0)
+    one_reader = replace(as_config(data_cfg, DataConfig), num_workers=0, readers=None)
     loader = PackedLoader(one_reader, TokenizerConfig(), seq_len=1, micro_batch_size=1, seed=seed, rank=0,
                           world_size=1)
     reader = Reader(loader.plan, 0, fresh_reader_state())

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -18,13 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fms_dyt.checkpoint import complete_checkpoints
 from fms_dyt.eval.report import REPORT_ERRORS, primary_scores, read_report
+from fms_dyt.metrics import Metrics, read_metrics
 from fms_dyt.norms import NormArgs
 
 log = logging.getLogger("fms_dyt.analyze")
 
-ALPHA_KEY = re.compile(r"^alpha/(attn|ffn)/(\d+)$")
-# telemetry/<quantity>/<site> (fms_dyt/telemetry.py); site: attn/<layer>, ffn/<layer> or final
-TELEMETRY_KEY = re.compile(r"^telemetry/(\w+)/(attn/\d+|ffn/\d+|final)$")
 NORM_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT", "derf": "Derf"}
 
 
@@ -46,42 +43,6 @@ def norm_label(norm: NormArgs) -> str:
     if len(alpha0) == 3 and alpha0["ffn"] == alpha0["final"]:
         return f"{norm_name(norm)} α₀ attn {alpha0['attn']:g}, other {alpha0['ffn']:g}"
     return f"{norm_name(norm)} α₀ " + ", ".join(f"{site} {a:g}" for site, a in alpha0.items())
-
-
-@dataclass
-class Metrics:
-    """``metrics.jsonl`` as records sorted by step, and what had to be left out."""
-
-    records: list[dict] = field(default_factory=list)
-    unreadable: int = 0  # lines that are not JSON objects with an integer "step"
-    duplicates: int = 0  # records of a step that appears again later (the later one is kept)
-
-    def series(self, key: str) -> tuple[list[float], list[float]]:
-        """(tokens seen, value) of every record that has a finite ``key``."""
-        xs, ys = [], []
-        for r in self.records:
-            v = r.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v) and "tokens_seen" in r:
-                xs.append(r["tokens_seen"])
-                ys.append(v)
-        return xs, ys
-
-    def telemetry(self) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-        """quantity -> site -> (steps, values) of every ``telemetry/<quantity>/<site>`` key logged."""
-        out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-        for r in self.records:
-            for key, v in r.items():
-                m = TELEMETRY_KEY.match(key)
-                if m and isinstance(v, (int, float)) and math.isfinite(v):
-                    steps, values = out.setdefault(m.group(1), {}).setdefault(m.group(2), ([], []))
-                    steps.append(r["step"])
-                    values.append(v)
-        return out
-
-    def alpha_layers(self, site: str) -> list[int]:
-        """Layer indices with an ``alpha/<site>/<layer>`` series, in depth order."""
-        found = {int(m.group(2)) for r in self.records for k in r if (m := ALPHA_KEY.match(k)) and m.group(1) == site}
-        return sorted(found)
 
 
 @dataclass
@@ -199,38 +160,6 @@ def _norm_from_cfg(cfg: DictConfig) -> NormArgs:
     from fms_dyt.config import norm_args
 
     return norm_args(cfg)
-
-
-def read_metrics(path: Path) -> Metrics:
-    """Records of ``metrics.jsonl`` by step; unreadable lines are skipped, counted and logged."""
-    out = Metrics()
-    if not path.is_file():
-        log.warning("%s does not exist: no training curves for this run", path)
-        return out
-    by_step: dict[int, dict] = {}
-    first_bad = None
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = record["step"] if isinstance(record, dict) else None
-        except (ValueError, KeyError):
-            step = None
-        if not isinstance(step, int):
-            out.unreadable += 1
-            first_bad = first_bad or number
-            continue
-        if step in by_step:
-            out.duplicates += 1
-        by_step[step] = record
-    out.records = [by_step[s] for s in sorted(by_step)]
-    if out.unreadable:
-        log.warning("%s: skipped %d unreadable line(s), the first at line %d (a write cut short by a kill?)",
-                    path, out.unreadable, first_bad)
-    if out.duplicates:
-        log.warning("%s: %d step(s) logged more than once; the last record of each is used", path, out.duplicates)
-    return out
 
 
 def read_evals(folder: Path) -> tuple[list[EvalResult], list[str]]:

@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     s.add_argument("--world-size", type=int, required=True, help="number of ranks to simulate")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     # The command line's entry point composes the training config; the data package itself never does.
-    from fms_dyt.cli import EXIT_CONFIG, load_config_or_report, parse_with_overrides
+    from fms_dyt.cli import load_config_or_report, parse_with_overrides
+    from fms_dyt.errors import EXIT_CONFIG, EXIT_ERROR, refuse
 
     args, overrides = parse_with_overrides(ap, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -46,8 +47,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--world-size={args.world_size} must be >= 1")
         report = scan(cfg.data, cfg.tokenizer, world_size=args.world_size, **common)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse("python -m fms_dyt.data", e)
     if args.json:
         print(json.dumps(report))
     else:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ok = report["duplicates"] == 0 and report["missing"] == 0
     if not args.json:
         print("every document exactly once" if ok else "PROBLEM: documents repeated or missing")
-    return 0 if ok else 1
+    return 0 if ok else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ class DataConfig:
     hub_data_files: Optional[str] = None  # pile: optional data_files pattern passed to load_dataset
     hub_retries: int = 2  # pile: reopen a shard this many times after a network error
     num_workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
+    # Readers per rank: streams of their own share of the logical shards, a micro-batch from each
+    # in turn. The data order depends on them, not on the processes that play them: each worker
+    # plays readers / num_workers of them, interleaved. null: one per worker (num_workers, >= 1).
+    readers: Optional[int] = None
     prefetch: int = 2  # batches each worker prepares ahead
     shuffle_buffer: int = 1000  # documents shuffled together (0 or 1: file order)
     # Fixed split of the data into logical shards; a run can resume on any number of ranks x
@@ -73,6 +77,11 @@ def as_config(value: Any, cls: type):
     return obj
 
 
+def readers_per_rank(cfg: DataConfig) -> int:
+    """``data.readers``, or one reader per worker process (one in the training process)."""
+    return cfg.readers or max(1, cfg.num_workers)
+
+
 def validate_data(cfg: DataConfig) -> None:
     """Raise ValueError naming the ``data.*`` key whose value cannot work."""
     if cfg.name not in SOURCES:
@@ -85,6 +94,10 @@ def validate_data(cfg: DataConfig) -> None:
     for key in ("prefetch", "num_logical_shards"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"data.{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.readers is not None and (cfg.readers < 1 or cfg.num_workers and cfg.readers % cfg.num_workers):
+        raise ValueError(f"data.readers={cfg.readers} must be >= 1 and a multiple of data.num_workers="
+                         f"{cfg.num_workers} (every worker process plays the same number of readers; null: one "
+                         "per worker)")
     if not 0 <= cfg.holdout < 1:
         raise ValueError(f"data.holdout={cfg.holdout} must be within [0, 1) (the fraction of rows held out "
                          "for validation)")

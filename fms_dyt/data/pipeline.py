@@ -1,17 +1,20 @@
 """The training data loader: read, shuffle, tokenize and pack documents into windows, with a small
 state that resumes bit for bit and rescales to another world size (see ``state.py``).
 
-Each DataLoader worker runs one ``Reader``. Documents are wrapped as ``BOS doc EOS``, and the
-stream is cut into windows of ``seq_len + 1`` tokens (documents cross window borders); a batch
-is ``micro_batch_size`` consecutive windows of one worker, split into inputs ``w[:, :-1]`` and
-targets ``w[:, 1:]``. With each batch a worker sends its state after that batch; the loader keeps
-the latest one per worker and which worker comes next, so ``state_dict()`` describes exactly the
+A rank has ``data.readers`` readers (``Reader``), taken in turn, a batch from each; the DataLoader
+workers share them out, each playing every ``num_workers``-th one, so the batches and their order
+are the same with any number of worker processes. Documents are wrapped as ``BOS doc EOS``, and a
+reader's stream is cut into windows of ``seq_len + 1`` tokens (documents cross window borders); a
+batch is ``micro_batch_size`` consecutive windows of one reader, split into inputs ``w[:, :-1]``
+and targets ``w[:, 1:]``. With each batch goes its reader's state after it; the loader keeps the
+latest one per reader and which reader comes next, so ``state_dict()`` describes exactly the
 batches already handed to the trainer, however far the workers have read ahead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -23,12 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fms_dyt.data.config import DataConfig, TokenizerConfig, as_config
+from fms_dyt.data.config import DataConfig, TokenizerConfig, as_config, readers_per_rank
 from fms_dyt.data.holdout import HeldOut
 from fms_dyt.data.sources import ShardError, Source, make_source
 from fms_dyt.data.state import (END, VERSION, Layout, copies, decode_table, doc_key, encode_table,
                                 fresh_reader_state, pieces_per_file, redistribute, slot, with_current_names)
 from fms_dyt.data.tokenizer import TextEncoder
+from fms_dyt.errors import counted
 from fms_dyt.stop import ignore_in_worker
 
 log = logging.getLogger(__name__)
@@ -46,8 +50,8 @@ class Plan:
     source: Source
     k: int  # pieces per file
     seed: int
-    readers: int  # world_size * workers
-    workers: int  # readers per rank
+    readers: int  # world_size * per_rank
+    per_rank: int  # readers per rank (data.readers)
     rank: int
     weights: dict
     block: int  # documents shuffled together
@@ -202,9 +206,9 @@ class Reader:
         self.empty_epochs = self.empty_epochs + 1 if self.tokens_in_epoch == 0 else 0
         if self.empty_epochs >= _MAX_EMPTY_EPOCHS:
             raise RuntimeError(
-                f"data reader {self.r} (rank {self.r // self.p.workers}, worker {self.r % self.p.workers}) found no "
+                f"data reader {self.r} (rank {self.r // self.p.per_rank}, reader {self.r % self.p.per_rank}) found no "
                 f"documents in {self.empty_epochs} epochs in a row: the data is too small to give all "
-                f"{self.p.readers} readers (ranks x data.num_workers) a share; use fewer workers or more data"
+                f"{self.p.readers} readers (ranks x data.readers) a share; use fewer readers or more data"
             )
         self._start_epoch(self.epoch + 1)
 
@@ -310,17 +314,25 @@ class Reader:
 
 
 class _Readers(IterableDataset):
-    """The rank's readers; DataLoader worker ``w`` plays reader ``(w + rotation) % workers``."""
+    """The rank's readers, a batch from each in turn from reader ``rotation`` on. The DataLoader
+    takes batch ``t`` from worker ``t % W``: worker ``w`` plays readers ``rotation + w``,
+    ``rotation + w + W``, ... (mod readers) in that order, so the batches reach the loader in the
+    readers' order for any number of workers ``W`` that divides the readers."""
 
     def __init__(self, plan: Plan, states: list, rotation: int):
         self.plan, self.states, self.rotation = plan, states, rotation
 
     def __iter__(self):
         info = get_worker_info()
-        logical = ((info.id if info else 0) + self.rotation) % self.plan.workers
-        reader = Reader(self.plan, self.plan.rank * self.plan.workers + logical, self.states[logical])
-        for windows, state, events, spans in reader.batches():
-            yield logical, torch.from_numpy(windows), state, events, spans
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        n, first = self.plan.per_rank, self.plan.rank * self.plan.per_rank
+        mine = [(self.rotation + t) % n for t in range(worker, n, workers)]
+        streams = [Reader(self.plan, first + logical, self.states[logical]).batches() for logical in mine]
+        for logical, stream in itertools.cycle(zip(mine, streams)):
+            windows, state, events, spans = next(stream)
+            # numpy, not a tensor: a worker sends it as 64 KB of bytes through its pipe, where a
+            # tensor costs a shared-memory file per batch (created, passed, mapped, unlinked)
+            yield logical, windows, state, events, spans
 
 
 def _as_is(item):
@@ -342,23 +354,24 @@ class PackedLoader:
         TextEncoder(tokenizer)  # fail here, not in a worker, if the tokenizer cannot load
         source = make_source(data)
         k = pieces_per_file(data.num_logical_shards, len(source.names))
-        workers = max(1, data.num_workers)
-        readers = world_size * workers
+        per_rank = readers_per_rank(data)
+        readers = world_size * per_rank
         if readers > k * len(source.names):
             raise ValueError(
-                f"{world_size} ranks x {workers} workers = {readers} readers, but the data has only "
-                f"{k * len(source.names)} logical shards ({len(source.names)} files): set data.num_logical_shards "
-                f"to at least {readers} (this starts a new data order), or use fewer workers"
+                f"{counted(world_size, 'rank')} x {counted(per_rank, 'reader')} = {readers} readers, but the data has "
+                f"only {counted(k * len(source.names), 'logical shard')} ({counted(len(source.names), 'file')}): set "
+                f"data.num_logical_shards to at least {readers} (this starts a new data order), or use fewer readers "
+                "(data.readers, data.num_workers)"
             )
-        self.data, self.world_size, self.rank, self.workers = data, world_size, rank, workers
+        self.data, self.world_size, self.rank, self.per_rank = data, world_size, rank, per_rank
         self.pin_memory = pin_memory
-        self.plan = Plan(source, k, seed, readers, workers, rank, dict(data.weights or {}), max(1, data.shuffle_buffer),
+        self.plan = Plan(source, k, seed, readers, per_rank, rank, dict(data.weights or {}), max(1, data.shuffle_buffer),
                          seq_len, micro_batch_size, tokenizer, trace, HeldOut(source.names, data.holdout))
         # data.holdout changes which rows are trained on; 0 keeps the fingerprint of states saved before it
         holdout = [data.holdout] if data.holdout else []
         self.fingerprint = hashlib.sha256(
             json.dumps([VERSION, source.fingerprint(), k, seed, *holdout]).encode()).hexdigest()[:16]
-        self._readers = [fresh_reader_state() for _ in range(workers)]
+        self._readers = [fresh_reader_state() for _ in range(per_rank)]
         self._next = 0
         self._gen = None
         self.last_trace: Optional[tuple] = None  # (worker, events, spans) of the last batch when trace=True
@@ -374,15 +387,16 @@ class PackedLoader:
             batches = iter(dataset)
         else:
             # Workers ignore the job's stop signals: the training process finishes its step first.
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_as_is,
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, collate_fn=_as_is,
                                       prefetch_factor=self.data.prefetch, 
                                       worker_init_fn=partial(ignore_in_worker, os.getpid())))
         try:
             for logical, windows, state, events, spans in batches:
                 self._readers[logical] = state
-                self._next = (logical + 1) % self.workers
+                self._next = (logical + 1) % self.per_rank
                 if self.plan.trace:
                     self.last_trace = (logical, events, spans)
+                windows = torch.from_numpy(windows)
                 inputs, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
                 if self.pin_memory:  # page-locked: the trainer's non_blocking copy to the GPU is asynchronous
                     inputs, targets = inputs.pin_memory(), targets.pin_memory()
@@ -399,14 +413,15 @@ class PackedLoader:
             self._gen = None
 
     def state_dict(self) -> dict:
-        """This rank's data state after the batches handed out so far (JSON-serialisable, KBs)."""
+        """This rank's data state after the batches handed out so far (JSON-serialisable, KBs).
+        ``num_workers`` is the readers per rank (named when each worker process was one reader)."""
         return {"version": VERSION, "fingerprint": self.fingerprint, "world_size": self.world_size,
-                "num_workers": self.workers, "rank": self.rank, "next_worker": self._next,
+                "num_workers": self.per_rank, "rank": self.rank, "next_worker": self._next,
                 "readers": list(self._readers)}
 
     def load_state_dict(self, states) -> None:
         """Resume from the states of ALL ranks as saved (a list, or one dict for a single rank).
-        Same world size and workers: continues bit for bit. Otherwise the logical shards move to
+        Same world size and readers per rank: continues bit for bit. Otherwise the logical shards move to
         their new owners with their progress: in the current epoch no document is repeated or
         skipped (the shuffle order of the rest differs)."""
         states = [states] if isinstance(states, dict) else list(states)
@@ -426,14 +441,14 @@ class PackedLoader:
             raise ValueError(f"incomplete data state: expected the states of ranks 0..{old_w - 1} of one run, "
                              f"got ranks {ranks}")
         self.close()
-        if (old_w, old_n) == (self.world_size, self.workers):
+        if (old_w, old_n) == (self.world_size, self.per_rank):
             mine = next(s for s in states if s["rank"] == self.rank)
             self._readers, self._next = list(mine["readers"]), mine["next_worker"]
             return
         if self.rank == 0:
-            log.info("data: moving the logical shards of %d ranks x %d workers to %d ranks x %d workers",
-                     old_w, old_n, self.world_size, self.workers)
-        mine = [self.rank * self.workers + w for w in range(self.workers)]
+            log.info("data: moving the logical shards of %s x %s to %s x %s", counted(old_w, "rank"),
+                     counted(old_n, "reader"), counted(self.world_size, "rank"), counted(self.per_rank, "reader"))
+        mine = [self.rank * self.per_rank + r for r in range(self.per_rank)]
         self._readers = redistribute(states, len(self.plan.source.names), self.plan.k, self.plan.seed,
                                      self.plan.readers, mine)
         self._next = 0
@@ -441,7 +456,7 @@ class PackedLoader:
     def stats(self) -> dict:
         """Counters of this rank for the training metrics: documents and tokens emitted, bad rows
         and files skipped, held-out rows passed over (since the run began), and the epoch of its
-        slowest worker."""
+        slowest reader."""
         out = {key: sum(r["stats"].get(key, 0) for r in self._readers) for key in COUNTERS}
         out["epoch"] = min(r["epoch"] for r in self._readers)
         return out

@@ -12,17 +12,20 @@ from fms_dyt.data.config import DataConfig, TokenizerConfig, as_config
 from fms_dyt.data.pipeline import PackedLoader
 from fms_dyt.data.state import copies
 from fms_dyt.data.tokenizer import TextEncoder
+from fms_dyt.errors import counted
 
 
-def present_documents(loader: PackedLoader) -> tuple[dict, int, set]:
+def present_documents(loader: PackedLoader) -> tuple[dict, int, set, int]:
     """Read every file once, straight from the source: {(file, row, copy): subset} of the
-    documents epoch 0 should deliver, the number of bad rows, and the files that end early."""
+    documents epoch 0 should deliver, the number of bad rows, the files that end early, and the
+    rows held out for validation (``data.holdout``)."""
     plan = loader.plan
-    expected, bad_rows, bad_files = {}, 0, set()
+    expected, bad_rows, bad_files, held_out = {}, 0, set(), 0
     for f in range(len(plan.source.names)):
         try:
             for row, text, info in plan.source.read(f, 0, lambda row: True):
                 if plan.held_out(f, row):  # for validation, never delivered
+                    held_out += 1
                     continue
                 if text is None:
                     bad_rows += 1
@@ -32,7 +35,7 @@ def present_documents(loader: PackedLoader) -> tuple[dict, int, set]:
                     expected[(f, row, c)] = info
         except Exception:  # the loader must stop at the same row; scan reports the file as skipped
             bad_files.add(f)
-    return expected, bad_rows, bad_files
+    return expected, bad_rows, bad_files, held_out
 
 
 @contextmanager
@@ -54,8 +57,10 @@ def _event(loader: PackedLoader, f: int, row, reason: str) -> str:
 def scan(data, tokenizer, *, world_size: int, seq_len: int, micro_batch_size: int, seed: int) -> dict:
     """Run epoch 0 of the loader of every rank (with its DataLoader workers) and compare the
     documents it delivers with those in the files. A document counts as seen once all its tokens
-    came out exactly once; ``duplicates`` are documents with tokens delivered twice. Bad input is
-    reported in the result (first examples in ``skipped_examples``)."""
+    came out exactly once; ``duplicates`` are documents with tokens delivered twice; ``held_out``
+    are the rows kept for validation, never delivered (without bad rows or weights,
+    ``documents_seen + held_out`` is every row of the files). Bad input is reported in the result
+    (first examples in ``skipped_examples``)."""
     with _quiet_readers():
         return _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed)
 
@@ -72,13 +77,13 @@ def _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed) -> dict:
         loader = PackedLoader(data, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
                               rank=rank, world_size=world_size, trace=True)
         if expected is None:
-            expected, n_bad_rows, unreadable = present_documents(loader)
+            expected, n_bad_rows, unreadable, held_out = present_documents(loader)
         finished, tokens = set(), 0
         batches = iter(loader)
         try:
-            while len(finished) < loader.workers:
+            while len(finished) < loader.per_rank:
                 next(batches)
-                worker, events, spans = loader.last_trace
+                reader, events, spans = loader.last_trace
                 for epoch, f, row, reason in events:
                     if epoch == 0:
                         (bad_rows.add((f, row)) if row is not None else bad_files.add(f))
@@ -90,7 +95,7 @@ def _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed) -> dict:
                         starts[(f, row, c)] += a == 0
                         tokens += b - a
                     else:
-                        finished.add(worker)
+                        finished.add(reader)
         finally:
             loader.close()
         tokens_per_rank.append(tokens)
@@ -99,9 +104,10 @@ def _scan(data, tokenizer, world_size, seq_len, micro_batch_size, seed) -> dict:
     missing = sum(1 for d in expected if tokens_of.get(d, 0) < length_of.get(d, 1))
     names = loader.plan.source.names
     return {
-        "world_size": world_size, "num_workers": loader.workers, "files": len(names),
+        "world_size": world_size, "num_workers": data.num_workers, "readers_per_rank": loader.per_rank,
+        "files": len(names),
         "logical_shards": loader.plan.k * len(names),
-        "documents_present": len(expected), "documents_seen": len(seen),
+        "documents_present": len(expected), "documents_seen": len(seen), "held_out": held_out,
         "duplicates": duplicates, "missing": missing,
         "skipped": len(bad_rows) + len(bad_files), "skipped_rows": len(bad_rows), "skipped_files": len(bad_files),
         "skipped_files_names": sorted(names[f] for f in bad_files),
@@ -145,11 +151,11 @@ def preview(data, tokenizer, *, seq_len: int, micro_batch_size: int, seed: int, 
     total = sum(tokens.values()) or 1
     lines.append(f"=== subset mix over the first {shown} windows ({total} tokens) ===")
     for subset, n in tokens.most_common():
-        lines.append(f"{subset:>24}: {n / total:6.1%} of tokens, {docs[subset]} documents started")
+        lines.append(f"{subset:>24}: {n / total:6.1%} of tokens, {counted(docs[subset], 'document')} started")
     if lengths:
         lengths.sort()
         lines.append(f"tokens per document (with BOS/EOS): median {lengths[len(lengths) // 2]}, "
-                     f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}, over {len(lengths)} documents")
+                     f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}, over {counted(len(lengths), 'document')}")
     if skipped:
         lines.append(f"=== skipped while reading them: {len(skipped)} (bad rows and files; first 10) ===")
         lines += skipped[:10]

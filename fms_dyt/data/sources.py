@@ -137,7 +137,7 @@ def _jsonl_rows(path: Path, start: int, want, stop) -> Iterator[Row]:
             yield row, None, "blank line"
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.decode())  # str: json.loads would first detect the encoding of bytes
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
             yield row, None, f"broken JSON ({e})"
             continue

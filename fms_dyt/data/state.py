@@ -1,6 +1,7 @@
 """Logical shards, their per-epoch assignment to readers, and the small resumable data state.
 
-Vocabulary. A *reader* is one DataLoader worker of one rank (``reader = rank * workers + worker``).
+Vocabulary. A *reader* is one of the ``data.readers`` streams of a rank (``reader = rank * readers
+per rank + r``), played by one of its DataLoader workers.
 Each file is cut into ``K = ceil(num_logical_shards / files)`` *pieces*: row ``i`` of file ``f``
 belongs to piece ``f * K + slot(i)``, where ``slot`` spreads consecutive rows evenly over the K
 slots (Fibonacci hashing), so a file is split inside when there are fewer files than readers.
@@ -44,11 +45,14 @@ END = 1 << 62  # a cursor past the last row: the piece is finished for this epoc
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
 _TAG_FILES, _TAG_ROTATE, _TAG_KEY, _TAG_COPY = 1, 2, 3, 4
+_PACKERS: dict = {}
 
 
 def mix(*values: int) -> int:
     """A 63-bit hash of integers, identical on every machine and Python version."""
-    data = struct.pack(f"<{len(values)}Q", *(v & _MASK for v in values))
+    # called twice per document (its key, the held-out test): the packer is made once per arity
+    pack = _PACKERS.get(len(values)) or _PACKERS.setdefault(len(values), struct.Struct(f"<{len(values)}Q").pack)
+    data = pack(*[v & _MASK for v in values])
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 

@@ -10,7 +10,6 @@
 
 
 class EvalError(Exception):
-    """A problem the user can fix; its message says what and how. Printed without a traceback."""
+    """A problem the user can fix; its message says what and how. Printed without a traceback
+    (``fms_dyt.errors.refuse``), exit code 2."""
 
-
-EXIT_USAGE = 2  # exit status of the eval commands for an EvalError

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from fms_dyt.eval import EXIT_USAGE, EvalError
+from fms_dyt.errors import refuse
+from fms_dyt.eval import EvalError
 from fms_dyt.eval.hub import offline_if_hub_unreachable
 from fms_dyt.eval.report import default_output, format_table, write_json
 from fms_dyt.eval.run import run, setup_logging
@@ -103,6 +103,5 @@ def main(argv: list[str] | None = None) -> int:
 
             log.info("W&B run: %s", log_wandb(report, args.wandb, args.wandb_project))
     except EvalError as e:
-        print(f"zero_shot.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse("zero_shot.py", e)
     return 0
