@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -84,3 +86,19 @@ class CountedBatches:
 
     def stats(self):
         return {"batches": self.i}
+
+
+class RandomBatches(CountedBatches):
+    """Random token batches [micro, seq] with ids in [low, high): batch ``i`` from seed ``i``, so every
+    run sees the same ones and a resumed run continues exactly."""
+
+    def __init__(self, micro: int, seq: int, low: int = 0, high: int = 500):
+        super().__init__()
+        self.micro, self.seq, self.low, self.high = micro, seq, low, high
+
+    def __iter__(self):
+        while True:
+            row = torch.randint(self.low, self.high, (self.micro, self.seq + 1),
+                                generator=torch.Generator().manual_seed(self.i))
+            self.i += 1
+            yield row[:, :-1], row[:, 1:]

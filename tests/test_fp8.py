@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from in_memory import CountedBatches
+from helpers import RandomBatches
 
 from fms_dyt import float8
 from fms_dyt.audit import StepAudit
@@ -34,21 +34,11 @@ TINY = ["model=tiny", "model.n_layers=2", "norm=dyt", "norm.alpha_attn=4", "norm
         "logging.telemetry_interval=null", "optim.lr=3e-3", "optim.warmup_steps=2", "preflight.enabled=false"]
 
 
-class Batches(CountedBatches):
-    """Fixed random token batches (the same for every run), resumable by count."""
-
-    def __iter__(self):
-        while True:
-            tokens = torch.randint(0, 500, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(self.i))
-            self.i += 1
-            yield tokens[:, :-1], tokens[:, 1:]
-
-
 def _train(run_dir, *overrides) -> dict[int, float]:
     """Train in this process; the losses by step of what metrics.jsonl holds."""
     import json
 
-    assert train(load_config([*TINY, f"run_dir={run_dir}", *overrides]), data=Batches()) == 0
+    assert train(load_config([*TINY, f"run_dir={run_dir}", *overrides]), data=RandomBatches(MICRO, SEQ)) == 0
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 

@@ -19,23 +19,13 @@ from fms_dyt.norms import DyT, RMSNorm
 from fms_dyt.parallel import free_port
 from fms_dyt.telemetry import Telemetry, measure
 from fms_dyt.trainer import train
-from helpers import CountedBatches, metrics_by_step, train_here
+from helpers import CountedBatches, RandomBatches, metrics_by_step, train_here
 
 SEQ, MICRO, LAYERS, STEPS = 16, 2, 2, 5
 SITES = [f"{kind}/{i}" for i in range(LAYERS) for kind in ("attn", "ffn")] + ["final"]
 TINY = ["model=tiny", f"model.n_layers={LAYERS}", f"train.seq_len={SEQ}", f"train.micro_batch_size={MICRO}",
         f"train.global_batch_tokens={SEQ * MICRO}", "parallel.param_dtype=float32", "logging.wandb.mode=disabled",
         "optim.lr=3e-3", "optim.warmup_steps=2"]
-
-
-class RandomBatches(CountedBatches):
-    """An in-memory training source (the telemetry batch comes from the run's data config)."""
-
-    def __iter__(self):
-        while True:
-            row = torch.randint(3, 400, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(self.i))
-            self.i += 1
-            yield row[:, :-1], row[:, 1:]
 
 
 class SplitBatches(CountedBatches):
@@ -79,7 +69,7 @@ def test_two_fsdp_ranks_log_the_telemetry_of_one_process(tmp_path):
 def _train(run_dir: Path, *overrides: str) -> Path:
     cfg = load_config([*TINY, f"train.max_steps={STEPS}", "logging.interval=10", "logging.telemetry_interval=2",
                        "checkpoint.interval=100", f"run_dir={run_dir}", *overrides])
-    train_here(cfg, RandomBatches())
+    train_here(cfg, RandomBatches(MICRO, SEQ, low=3, high=400))
     return run_dir
 
 
