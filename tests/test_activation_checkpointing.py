@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from fms_dyt.config import ParallelConfig
 from fms_dyt.model import ModelArgs, Transformer
 from fms_dyt.norms import NormArgs
 from fms_dyt.parallel import apply_parallelism
@@ -29,8 +28,9 @@ def _saved_bytes_and_grads(mesh, mode: str):
     """Bytes autograd keeps from the forward for backward, and the gradients of one step."""
     torch.manual_seed(0)
     model = Transformer(ARGS, NormArgs(kind="dyt", alpha_attn=0.8, alpha_ffn=0.2, alpha_final=0.2))
-    parallel = SimpleNamespace(param_dtype="float32", reduce_dtype="float32", activation_checkpointing=mode,
-                               ac_fraction=0.5, compile=False)
+    # the schema's defaults for every other key (float8 off), so a new parallel key needs no edit here
+    parallel = ParallelConfig(param_dtype="float32", reduce_dtype="float32", activation_checkpointing=mode,
+                              ac_fraction=0.5, compile=False)
     apply_parallelism(model, parallel, mesh)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
     kept = {}
