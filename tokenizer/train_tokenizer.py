@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-sentences", type=int, default=20_000_000,
                     help="lines sentencepiece samples for training (input_sentence_size)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    from fms_dyt.cli import EXIT_CONFIG, load_config_or_report, parse_with_overrides
+    from fms_dyt.cli import load_config_or_report, parse_with_overrides
+    from fms_dyt.errors import EXIT_CONFIG
 
     args, overrides = parse_with_overrides(ap, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
