@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fms_dyt.metrics import read_metrics
 from fms_dyt.probe import EXIT_FAILED, Metric, Probe, Result, read_metric, run_command, run_probes
 from fms_dyt.tune import Tune, TuneError, add_metric_args, metric_of, parse_grid, tune_alpha0
 
@@ -201,7 +202,6 @@ def curves_figure(results: Sequence[Result], key: str):
     import numpy as np
 
     from fms_dyt.analysis import figures as F
-    from fms_dyt.analysis.runs import read_metrics
 
     variants = list(dict.fromkeys(r.probe.name.rsplit("_seed", 1)[0] for r in results))
     seeds = list(dict.fromkeys(r.probe.name.rsplit("_seed", 1)[1] for r in results))
@@ -374,14 +374,10 @@ def scale_variant(width: int, kind: str, gamma: str, extra: Sequence[str] = (), 
 def final_saturation(run_dir: Path) -> Optional[float]:
     """The largest fraction of saturated inputs over the norm sites at the run's last telemetry pass."""
     path = run_dir / "metrics.jsonl"
-    last = None
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            fractions = [v for k, v in record.items() if k.startswith("telemetry/saturated/")]
-            if fractions:
-                last = max(fractions)
-    return last
+    if not path.is_file():
+        return None
+    passes = [[v for k, v in r.items() if k.startswith("telemetry/saturated/")] for r in read_metrics(path).records]
+    return next((max(p) for p in reversed(passes) if p), None)
 
 
 def run_final_scale(study: Study, widths: Sequence[int], echo=print) -> dict:
