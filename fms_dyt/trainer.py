@@ -196,6 +196,11 @@ def train(cfg, data=None) -> int:
         stop.restore()
         if watchdog.current is not None:  # a failed run's: its thread must not outlive train()
             watchdog.current.stop()
+        if dist.is_initialized() and dist.get_backend() == "gloo":
+            # A failed run's (a finished one's is gone already): a live gloo group can abort the
+            # interpreter's exit (SIGABRT) in place of our exit code. NCCL's destroy waits for the
+            # peers' collectives, which a failed rank's peers may never finish: left to exit.
+            dist.destroy_process_group()
 
 
 def _train(cfg, data, stop: StopRequest) -> int:

@@ -62,6 +62,7 @@ t = torch.ones(1)
 dist.all_reduce(t)
 store = dist.distributed_c10d._get_default_store()
 print(type(getattr(store, "underlying_store", store)).__name__, t.item())
+dist.destroy_process_group()  # as the trainer ends: a live gloo group can abort the exit
 """
 
 
