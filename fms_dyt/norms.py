@@ -259,6 +259,62 @@ class Derf(Norm):
                 "bias": torch.zeros(self.bias.shape, device=device)}
 
 
+class DyISRU(Norm):
+    """Dynamic Inverse Square Root Unit, the element-wise counterpart of RMSNorm ("On the
+    Mathematical Relationship Between Layer Normalization and Dynamic Activation Functions",
+    F. Stollenwerk, arXiv 2503.21708, EACL 2026).
+
+    The paper's form, for a token of C channels: y_i = √C · x_i / √(β + x_i²), where one learnable
+    scalar β per layer takes the place of RMSNorm's Σ_{j≠i} x_j² (RMSNorm: √C · x_i / √(Σ_j x_j²)).
+    fms-dyt learns α = β^(-1/2) instead of β and leaves √C to the per-channel scale γ (``weight``,
+    γ₀ 1 but at the final site, no bias):
+
+        y = weight · x / √(α⁻² + x²) = weight · αx / √(1 + (αx)²),
+
+    so that α is the slope at 0, as DyT's is, and point-wise like DyT's: its α₀ comes from DyT's
+    keys and width table (the paper trains no model and gives no initial β), it is logged as
+    ``alpha/<site>`` and the output is bounded by |γ|. Plain PyTorch ops in x's dtype, computed as
+    x · rsqrt(α⁻² + x²): autograd keeps x, the rsqrt and their product. The paper's β is not
+    ``norm.beta`` (DyT's bias switch, which DyISRU ignores)."""
+
+    kind, display_name, formula = "dyisru", "DyISRU", "αx / √(1 + (αx)²)"
+    pointwise, scalars, bounded_by_gamma = True, ("alpha",), True
+    # (1 + z²)^(-3/2), the derivative of z / √(1 + z²), falls to SATURATED_FRACTION of its peak
+    # at |z| = √(fraction^(-2/3) - 1) ≈ 2.20
+    saturated_above = math.sqrt(SATURATED_FRACTION ** (-2 / 3) - 1)
+
+    def __init__(self, dim: int, alpha0: float, site: Optional[str] = None, gamma0: float = 1.0):
+        super().__init__()
+        self.alpha0, self.site, self.gamma0 = float(alpha0), site, float(gamma0)
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    @classmethod
+    def build(cls, dim: int, site: str, args: NormArgs) -> "DyISRU":
+        return cls(dim, getattr(args, f"alpha_{site}"), site=site, gamma0=args.gamma0(site))
+
+    @staticmethod
+    def saved_bytes(dim: int, compute_bytes: int, cpu: bool = False) -> int:
+        return 3 * compute_bytes * dim  # x, rsqrt(α⁻² + x²) and their product
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """α·x: the argument of the inverse square root unit z / √(1 + z²)."""
+        return self.alpha.to(x.dtype) * x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x / √(α⁻² + x²) = αx / √(1 + (αx)²): the squashed input, before the learnable scale."""
+        return x * torch.rsqrt(self.alpha.to(x.dtype).pow(-2) + x * x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight * self.normalize(x)).to(x.dtype)
+
+    def initial_state(self, device=None) -> dict[str, torch.Tensor]:
+        """The initial value of every parameter, by name (fp32): α₀, γ₀ (1 but at the final site)."""
+        return {"alpha": torch.full((1,), self.alpha0, device=device),
+                "weight": torch.full(self.weight.shape, self.gamma0, device=device)}
+
+
 def _dyt_eager(x, alpha, weight, bias):
     y = weight * torch.tanh(alpha * x)
     return y if bias is None else y + bias
@@ -276,7 +332,7 @@ def _dyt_liger(x, alpha, weight, bias):
 DYT_IMPLS = {"fused": dyt, "eager": _dyt_eager, "liger": _dyt_liger}
 
 # The norm registry: kind -> its class. A new norm is one Norm subclass and one entry here.
-NORMS: dict[str, type[Norm]] = {cls.kind: cls for cls in (RMSNorm, DyT, Derf)}
+NORMS: dict[str, type[Norm]] = {cls.kind: cls for cls in (RMSNorm, DyT, Derf, DyISRU)}
 
 
 def norm_class(kind: str) -> type[Norm]:
