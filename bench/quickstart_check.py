@@ -106,7 +106,7 @@ def saturation(run_dir: Path, batch_size: int = 4) -> dict[str, float]:
     from fms_dyt.norms import DyT, norm_sites
 
     run = load_run(run_dir)
-    if not run.is_dyt or run.checkpoint is None:
+    if "dyt" not in run.norm.kinds() or run.checkpoint is None:
         raise SystemExit(f"error: {run_dir} must be a DyT run with a checkpoint (norm={run.norm.kind}, "
                          f"checkpoint={run.checkpoint})")
     with warnings.catch_warnings():

@@ -14,7 +14,8 @@ written by ``python -m fms_dyt.export``. Writes PNG files and ``DIR/report.md`` 
   norm layer: input RMS, fraction of inputs saturated, α and mean |γ| (docs/analysis.md);
 - ``norm_io_token_<run>.png`` and ``norm_io_channel_<run>.png``: each selected norm layer's input
   against its output before γ on a batch of the run's data, coloured by token and by channel
-  (paper Figures 2 and 4), with tanh(αx) drawn over DyT layers and erf(αx + s) over Derf layers;
+  (paper Figures 2 and 4), with each point-wise layer's function drawn over it (its class's
+  ``formula``: tanh(αx) for DyT, erf(αx + s) for Derf);
 - a Table-4-style results table in the report when ``eval/zero_shot.py`` results sit in
   ``<run_dir>/eval/*.json`` (its default ``--output``).
 

@@ -1,5 +1,6 @@
 """FP8 training of the blocks' linear layers with torchao (``parallel.float8``), and the static
-input scale of the layers that read a DyT output (``parallel.float8_dyt_static_scale``).
+input scale of the layers that read a bounded norm's output, DyT's first
+(``parallel.float8_dyt_static_scale``).
 
 ``convert`` swaps the blocks' ``nn.Linear`` layers for torchao's ``Float8Linear`` on the meta
 device, before ``fully_shard`` and ``torch.compile`` (``fms_dyt.parallel.apply_parallelism``).
@@ -11,7 +12,8 @@ bytes of bf16) and their scales are computed for every layer at once after each 
 (``watch_optimizer``), in one all-reduce instead of one per layer.
 
 ``scale_dyt_outputs`` (``parallel.float8_dyt_static_scale``, tensorwise only) uses what a DyT
-layer guarantees: its output γ·tanh(αx) (+ β) is bounded per channel by |γ| (+ |β|), so the FP8
+layer guarantees, and every kind whose class declares ``bounded_by_gamma`` (fms_dyt/norms.py):
+its output, γ·tanh(αx) (+ β) for DyT, is bounded per channel by |γ| (+ |β|), so the FP8
 cast of the attention's and the FFN's input can take its scale from max|γ| of the norm (a
 reduction over ``dim`` numbers) instead of the measured max of the activation, and the layers that
 share that input (wq, wk, wv; w1, w3) share one cast. torchao's configuration has no static
@@ -74,16 +76,14 @@ def convert(model: nn.Module, recipe: str) -> None:
 
 
 def scale_dyt_outputs(model: nn.Module) -> int:
-    """Cast each DyT block norm's output to FP8 with the static scale of its bound (see above),
-    when every layer that reads it is an FP8 linear layer; returns how many norms do so."""
-    from fms_dyt.norms import DyT
-
+    """Cast each bounded block norm's output (DyT's, see above) to FP8 with the static scale of its
+    bound, when every layer that reads it is an FP8 linear layer; returns how many norms do so."""
     float8 = torchao_float8()
     from torchao.float8.float8_training_tensor import GemmInputRole, hp_tensor_and_scale_to_float8
 
     def cast(norm, args, output, mm_config, dtype):
         bound = norm.weight.detach().abs()
-        if norm.bias is not None:
+        if getattr(norm, "bias", None) is not None:
             bound = bound + norm.bias.detach().abs()
         # torchao's own formula (float8_utils.amax_to_scale): float64, then float32
         scale = (torch.finfo(dtype).max / bound.max().double().clamp(min=1e-12)).float()
@@ -93,7 +93,7 @@ def scale_dyt_outputs(model: nn.Module) -> int:
     for block in model.layers:
         for norm, readers in ((block.attention_norm, (block.attention.wq, block.attention.wk, block.attention.wv)),
                               (block.ffn_norm, (block.feed_forward.w1, block.feed_forward.w3))):
-            if isinstance(norm, DyT) and all(isinstance(getattr(r, "config", None), float8.Float8LinearConfig)
+            if norm.bounded_by_gamma and all(isinstance(getattr(r, "config", None), float8.Float8LinearConfig)
                                              for r in readers):
                 norm.register_forward_hook(partial(cast, mm_config=readers[0].linear_mm_config,
                                                    dtype=readers[0].config.cast_config_input.target_dtype))

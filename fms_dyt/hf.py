@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 from .model import ModelArgs, Transformer  # noqa: E402
-from .norms import NormArgs  # noqa: E402
+from .norms import NormArgs, norm_class  # noqa: E402
 
 
 class FmsDytConfig(PretrainedConfig):
@@ -152,8 +152,9 @@ def llama_name(name: str) -> str:
 
 
 def llama_expressible(norm: NormArgs) -> bool:
-    """Whether plain ``LlamaForCausalLM`` can express the model: RMSNorm at every site, no embedding scalar."""
-    return norm.kinds() == {"rmsnorm"} and not norm.embedding_scale
+    """Whether plain ``LlamaForCausalLM`` can express the model: a kind it computes (its class's
+    ``llama_expressible``: RMSNorm) at every site, no embedding scalar."""
+    return all(norm_class(kind).llama_expressible for kind in norm.kinds()) and not norm.embedding_scale
 
 
 def require_llama_expressible(norm: NormArgs) -> None:

@@ -214,14 +214,15 @@ def _start_wandb(run_dir: Path, cfg):
 
 
 def norm_scalars(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """α of every point-wise norm layer by site (``alpha/attn/<layer>``, ``alpha/ffn/<layer>``,
-    ``alpha/final``), Derf's s alike (``shift/<site>``), and the embedding scalar (empty for RMSNorm):
+    """Every norm layer's scalars (its class's ``scalars``) by name and site: α of every point-wise
+    norm (``alpha/attn/<layer>``, ``alpha/ffn/<layer>``, ``alpha/final``), Derf's s alike
+    (``shift/<site>``), and the embedding scalar (empty for RMSNorm):
     this rank's value of each, a 0-dim tensor on the device, NaN where its FSDP2 shard holds none
     (a one-element parameter lives on one rank of each replica). Nothing is read back or gathered
     here: the trainer's log step sends them with its other numbers (``trainer.log_stats``)."""
     params = {}
     for site, m in norm_sites(model).items():
-        params.update({f"{name}/{site}": getattr(m, name) for name in ("alpha", "shift") if hasattr(m, name)})
+        params.update({f"{name}/{site}": getattr(m, name) for name in m.scalars})
     if getattr(model, "embedding_scale", None) is not None:
         params["embedding_scale"] = model.embedding_scale
     values = {}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import NormArgs, build_norm
+from .norms import Norm, NormArgs, build_norm
 
 
 @dataclass
@@ -190,6 +190,8 @@ class Transformer(nn.Module):
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts by part (works on the meta device)."""
     parts = {"embedding": 0, "attention": 0, "ffn": 0, "norms": 0, "scalars": 0, "output": 0}
+    # a norm's scalars as its class declares them (fms_dyt.norms), matched by identity
+    scalars = {id(getattr(m, leaf)) for m in model.modules() if isinstance(m, Norm) for leaf in m.scalars}
     for name, p in model.named_parameters():
         if name.startswith("tok_embeddings"):
             part = "embedding"
@@ -199,7 +201,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             part = "attention"
         elif ".feed_forward." in name:
             part = "ffn"
-        elif name == "embedding_scale" or name.endswith((".alpha", ".shift")):
+        elif name == "embedding_scale" or id(p) in scalars:
             part = "scalars"
         else:
             part = "norms"

@@ -10,20 +10,23 @@ import math
 import torch
 
 from fms_dyt import float8
+from fms_dyt.norms import Norm
 
 
 def parameter_roles(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, str]]:
     """Every trainable parameter as (name, parameter, role), in ``named_parameters`` order. Roles:
-    ``alpha_and_shift`` (α of DyT/Derf, Derf's s), ``norm_weights`` (every other parameter of a
-    norm layer: γ, β, RMSNorm's weight), ``embedding_scale`` and ``other`` (matrices, embeddings).
+    ``alpha_and_shift`` (a norm's one-element parameters, its class's ``scalars``: DyT's α, Derf's
+    α and s), ``norm_weights`` (every other parameter of a norm layer: γ, β, RMSNorm's weight),
+    ``embedding_scale`` and ``other`` (matrices, embeddings).
 
-    Norm layers are found by their ``site`` attribute and parameters by identity, so the roles do
-    not depend on the names wrappers add (FSDP2 DTensors, activation checkpointing, compile)."""
+    A norm layer names each parameter's role (``Norm.parameter_role``); parameters are matched by
+    identity, so the roles do not depend on the names wrappers add (FSDP2 DTensors, activation
+    checkpointing, compile)."""
     role_of = {}
     for module in model.modules():
-        if getattr(module, "site", None) is not None:  # a norm layer (fms_dyt.norms)
+        if isinstance(module, Norm):
             for leaf, p in module.named_parameters(recurse=False):
-                role_of[id(p)] = "alpha_and_shift" if leaf in ("alpha", "shift") else "norm_weights"
+                role_of[id(p)] = module.parameter_role(leaf)
     scale = getattr(model, "embedding_scale", None)
     if scale is not None:
         role_of[id(scale)] = "embedding_scale"

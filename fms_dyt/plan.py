@@ -36,7 +36,6 @@ import sys
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -46,7 +45,7 @@ from fms_dyt.config import ConfigError, load_config, model_args, norm_args, sche
 from fms_dyt.errors import EXIT_CONFIG, config_dtype, refuse
 from fms_dyt.metrics import PEAK_FLOPS, flops_per_token, matmul_params
 from fms_dyt.model import ModelArgs, Transformer, count_parameters
-from fms_dyt.norms import POINTWISE
+from fms_dyt.norms import NormArgs, norm_class
 from fms_dyt.loss import cross_entropy
 
 GIB = 2**30
@@ -82,25 +81,16 @@ def _dtype_bytes(key: str, name: str) -> int:
 # ---- activations ---------------------------------------------------------------------------------
 
 
-def _norm_saved_bytes(kind: str, dim: int, compute_bytes: int, cpu: bool = False) -> int:
-    """Bytes per token one norm layer keeps for backward (``cpu``: run eagerly on a CPU)."""
-    if kind == "dyt":  # the fused op keeps its input only; eager on a CPU tanh(α·x) too (fms_dyt.ops)
-        return (2 if cpu else 1) * compute_bytes * dim
-    if kind == "derf":
-        return 3 * compute_bytes * dim  # plain ops: autograd keeps x, α·x + s and erf(α·x + s)
-    # RMSNorm: the fp32 copy of x (x itself in fp32), the normalised x before the weight, 1/rms.
-    return 4 * dim + compute_bytes * dim + 4
-
-
-def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len: int,
-                     compute_bytes: int, checkpointed: list[bool], final_kind: Optional[str] = None,
-                     cpu: bool = False, fp8_normed_inputs: bool = False) -> dict[str, int]:
+def activation_bytes(args: ModelArgs, norm: NormArgs, micro_batch: int, seq_len: int,
+                     compute_bytes: int, checkpointed: list[bool], cpu: bool = False,
+                     fp8_normed_inputs: bool = False) -> dict[str, int]:
     """Activation memory of one micro-batch: what forward keeps for backward, the bytes alive at
     the two moments of backward where the step peaks, and the larger. On GPUs, or with ``cpu``
     as the model runs eagerly on a CPU (what :func:`measure_activation_bytes` measures).
 
-    Per token and block (eager, flash-style attention): both norms' inputs (see above), the
-    normed input of the attention and FFN projections, q, k, v after RoPE, the attention output
+    Per token and block (eager, flash-style attention): what both norms keep (their class's
+    ``saved_bytes``, ``fms_dyt.norms``), the normed input of the attention and FFN projections,
+    q, k, v after RoPE, the attention output
     and its log-sum-exp (fp32, one per head), and SwiGLU's four [ffn_dim] tensors. A
     checkpointed block keeps its input only and is recomputed during backward. Around the blocks:
     the embedding output (kept for the embedding scalar's gradient), the final norm, its output,
@@ -112,9 +102,9 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     """
     p, d, f, L = compute_bytes, args.dim, args.ffn_dim, args.n_layers
     kv_width = args.kv_heads * args.head_dim
-    norm = _norm_saved_bytes(norm_kind, d, p, cpu)
+    block_norms = norm_class(norm.kind).saved_bytes(d, p, cpu)
     normed = 2 * d * (1 if fp8_normed_inputs else p)  # the attention's and the FFN's input
-    full_block = 2 * norm + normed + p * (2 * d + 2 * kv_width + 4 * f) + 4 * args.n_heads
+    full_block = 2 * block_norms + normed + p * (2 * d + 2 * kv_width + 4 * f) + 4 * args.n_heads
     block_input = p * d
     tokens = micro_batch * seq_len
     n_ckpt, ckpt_last = sum(checkpointed), bool(checkpointed) and checkpointed[-1]
@@ -122,8 +112,8 @@ def activation_bytes(args: ModelArgs, norm_kind: str, micro_batch: int, seq_len:
     # RoPE tables cast to the compute dtype, 4 per kept block, shared by the micro-batch.
     if p != 4:
         saved += (L - n_ckpt) * 4 * seq_len * args.head_dim * p
-    embedding_kept = p * d if norm_kind in POINTWISE else 0  # their configs have the embedding scalar
-    final_norm = _norm_saved_bytes(final_kind or norm_kind, d, p, cpu)
+    embedding_kept = p * d if norm.embedding_scale else 0  # the scalar's gradient reads it
+    final_norm = norm_class(norm.kind_at("final")).saved_bytes(d, p, cpu)
     head = final_norm + p * d + p * args.vocab_size  # freed by the backward of the loss, norm and head
     saved += (embedding_kept + head) * tokens
     # Transients on top, at the two candidate peaks: the loss's backward (the logits' gradient,
@@ -489,9 +479,9 @@ def cluster_plan(cfg, model: Transformer, n_params: int, nodes: int, gpus_per_no
     ckpt = checkpointed_blocks(args.n_layers, p_cfg.activation_checkpointing, p_cfg.ac_fraction)
     norm = norm_args(cfg)
     fp8 = float8_layout(model, p_cfg.float8, compute, t.seq_len)
-    static_scale = p_cfg.float8_dyt_static_scale and norm.kind == "dyt" and fp8["fp8_layers"] > 0
-    acts = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len, compute, ckpt, norm.kind_at("final"),
-                            fp8_normed_inputs=static_scale)
+    static_scale = (p_cfg.float8_dyt_static_scale and norm_class(norm.kind).bounded_by_gamma
+                    and fp8["fp8_layers"] > 0)
+    acts = activation_bytes(args, norm, t.micro_batch_size, t.seq_len, compute, ckpt, fp8_normed_inputs=static_scale)
     phases = memory_phases(n_params, _unit_params(model), shard, compute, reduce, accum,
                            p_cfg.defer_grad_sync, acts, fp8["gathered_bytes"])
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
@@ -682,9 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         args, norm, t, par = model_args(cfg), norm_args(cfg), cfg.train, cfg.parallel
         dtype = config_dtype("parallel.param_dtype", par.param_dtype)
         ckpt = checkpointed_blocks(args.n_layers, par.activation_checkpointing, par.ac_fraction)
-        estimate = activation_bytes(args, norm.kind, t.micro_batch_size, t.seq_len,
-                                    _dtype_bytes("parallel.param_dtype", par.param_dtype), ckpt, norm.kind_at("final"),
-                                    cpu=True)
+        estimate = activation_bytes(args, norm, t.micro_batch_size, t.seq_len,
+                                    _dtype_bytes("parallel.param_dtype", par.param_dtype), ckpt, cpu=True)
         measured = measure_activation_bytes(args, norm, t.micro_batch_size, t.seq_len, dtype, ckpt)
         p["activations_measured_cpu"] = {"plan_bytes": estimate["peak"], "measured_bytes": measured["peak"]}
         if not ns.json:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fms_dyt.metrics import read_metrics
+from fms_dyt.norms import NORMS
 from fms_dyt.probe import EXIT_FAILED, Metric, Probe, Result, read_metric, run_command, run_probes
 from fms_dyt.tune import Tune, TuneError, add_metric_args, metric_of, parse_grid, tune_alpha0
 
@@ -43,12 +44,12 @@ class Variant:
 
 
 PROBED = "dyt_probed"  # its α₀ comes from the probe
+# Every registered kind with its own config's defaults, then the paper's DyT questions against
+# its RMSNorm baseline: deliberate comparisons of those two kinds, not a list of kinds.
 NORM_VARIANTS = (
-    Variant("rmsnorm", ("norm=rmsnorm",)),
-    Variant("dyt", ("norm=dyt",)),
+    *(Variant(kind, (f"norm={kind}",)) for kind in NORMS),
     Variant("dyt_no_scalar", ("norm=dyt", "norm.embedding_scale=false")),
     Variant(PROBED, ("norm=dyt",)),
-    Variant("derf", ("norm=derf",)),
     Variant("dyt_final_rmsnorm", ("norm=dyt", "norm.final=rmsnorm")),
     Variant("rmsnorm_auto", ("norm=rmsnorm", "norm.final_gamma0=auto")),
     Variant("dyt_auto", ("norm=dyt", "norm.final_gamma0=auto")),

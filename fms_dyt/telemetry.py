@@ -10,10 +10,11 @@ as metric keys ``telemetry/<quantity>/<site>``:
   ``|layer.preactivation(x)| > layer.saturated_above`` (DyT: |αx| > 2, where tanh passes 7% of
   its peak gradient);
 - ``gamma_abs``: point-wise norms only, the mean |γ| of the layer's ``weight``;
-- ``<name>``: point-wise norms only, each one-element parameter of the layer by its own name
-  (DyT: ``alpha``; a kind with a learnable shift logs it the same way).
+- ``<name>``: point-wise norms only, each of the layer's scalars (its class's ``scalars``) by its
+  own name (DyT: ``alpha``; a kind with a learnable shift logs it the same way).
 
-A layer is point-wise when it has a ``preactivation`` method; nothing here knows the kinds by name.
+A layer is point-wise when its class says so (``Norm.pointwise``, fms_dyt/norms.py); nothing here
+knows the kinds by name.
 ``telemetry/time_s`` is what the pass cost. Rank 0 warns, once per site and condition, when a
 point-wise site stays more than 90% saturated (with its input RMS steady, see plateau_steps) or a
 site's input RMS has grown more than 100x since the first pass of this process (docs/analysis.md).
@@ -63,10 +64,6 @@ def fixed_batch(cfg) -> torch.Tensor:
     return inputs
 
 
-def is_pointwise(layer: nn.Module) -> bool:
-    return hasattr(layer, "preactivation")
-
-
 def _full(p: torch.Tensor) -> torch.Tensor:
     """A whole parameter; an FSDP2 shard is gathered (a collective: every rank calls it)."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -84,7 +81,7 @@ def measure(model: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
         def hook(layer, args, output):
             x = args[0].float()
             stats[f"telemetry/input_rms/{site}"] = x.pow(2).mean().sqrt()
-            if is_pointwise(layer):
+            if layer.pointwise:
                 saturated = layer.preactivation(x).abs() > layer.saturated_above
                 stats[f"telemetry/saturated/{site}"] = saturated.float().mean()
         return hook
@@ -97,13 +94,11 @@ def measure(model: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
         for handle in handles:
             handle.remove()
     for site, layer in sites.items():
-        if not is_pointwise(layer):
+        if not layer.pointwise:
             continue
-        for name, p in layer.named_parameters(recurse=False):
-            if name == "weight":
-                stats[f"telemetry/gamma_abs/{site}"] = _full(p).float().abs().mean()
-            elif p.numel() == 1:
-                stats[f"telemetry/{name}/{site}"] = _full(p).float().reshape(())
+        stats[f"telemetry/gamma_abs/{site}"] = _full(layer.weight).float().abs().mean()
+        for name in layer.scalars:
+            stats[f"telemetry/{name}/{site}"] = _full(getattr(layer, name)).float().reshape(())
     return dict(zip(stats, torch.stack(list(stats.values())).tolist()))
 
 

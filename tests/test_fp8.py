@@ -23,6 +23,7 @@ from fms_dyt import float8
 from fms_dyt.audit import StepAudit
 from fms_dyt.config import load_config, model_args, norm_args
 from fms_dyt.model import Transformer
+from fms_dyt.norms import NORMS
 from fms_dyt.parallel import apply_parallelism, materialize
 from fms_dyt.plan import plan
 from fms_dyt.trainer import train
@@ -134,11 +135,13 @@ class _Reductions(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_static_dyt_scale_removes_ten_activation_reductions_per_block(one_rank):
+@pytest.mark.parametrize("kind", [kind for kind, cls in NORMS.items() if cls.bounded_by_gamma])
+def test_static_scale_removes_ten_activation_reductions_per_block_of_every_bounded_kind(one_rank, kind):
     seq = 128  # activations of 2 x 128 x 64 elements, more than any weight (64 x 192)
     counts, outputs = {}, {}
     for static in (False, True):
-        cfg, model = _meta_model("parallel.float8=tensorwise", f"parallel.float8_dyt_static_scale={str(static).lower()}")
+        cfg, model = _meta_model("parallel.float8=tensorwise", f"parallel.float8_dyt_static_scale={str(static).lower()}",
+                                 f"norm.name={kind}")
         apply_parallelism(model, cfg.parallel, init_device_mesh("cpu", (1,)))
         materialize(model, torch.device("cpu"), seed=0)
         tokens = torch.randint(0, 500, (MICRO, seq), generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from fms_dyt.config import ConfigError, load_config, model_args, norm_args
 from fms_dyt.export import export
 from fms_dyt.model import Transformer
-from fms_dyt.norms import auto_final_gamma0
+from fms_dyt.norms import NORMS, auto_final_gamma0
 from fms_dyt.resume import check_same_run
 
 SMALL = ["model=tiny", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64", "model.vocab_size=96"]
@@ -28,7 +28,7 @@ def test_auto_keeps_the_logit_scale_of_the_width_4096_model_and_never_goes_below
     assert auto_final_gamma0(256, 0.01) == pytest.approx(8.0)
 
 
-@pytest.mark.parametrize("kind", ["rmsnorm", "dyt", "derf"])
+@pytest.mark.parametrize("kind", sorted(NORMS))  # every registered kind
 def test_only_the_final_norm_starts_at_gamma0_for_every_kind(kind):
     cfg = load_config([*SMALL, f"norm={kind}", "norm.final_gamma0=auto"])
     norm = norm_args(cfg)

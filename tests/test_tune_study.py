@@ -317,7 +317,7 @@ def test_a_rerun_study_trains_nothing_finished_and_reports_every_variant(tmp_pat
     preset = S.Preset(overrides=("experiment=quickstart",), steps=3, probe_steps=2, grid=(1.0, 2.0), widths=(64,),
                       width_steps=2, width_grid=(1.0, 2.0), jobs=1)
     study = S.Study(tmp_path, preset, [], 2, LOSS, 1)
-    variants = [S.NORM_VARIANTS[0], S.NORM_VARIANTS[5]]
+    variants = [S.NORM_VARIANTS[0], S.WIDTH_VARIANT]
     for v in variants:
         for seed, loss in zip(study.seed_list(), (5.0, 5.5)):
             run = study.run(v, seed)

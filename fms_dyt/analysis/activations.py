@@ -99,7 +99,7 @@ def capture_norm_io(transformer: nn.Module, tokens: torch.Tensor, sites: list[st
             x = args[0].reshape(-1, args[0].shape[-1])[rows.to(args[0].device)].float()
             alpha, shift = getattr(module, "alpha", None), getattr(module, "shift", None)
             curve = None
-            if hasattr(module, "preactivation"):
+            if module.pointwise:  # its class says so (fms_dyt.norms.Norm)
                 grid = torch.linspace(x.min().item(), x.max().item(), 400, device=x.device)
                 curve = (grid.cpu(), module.normalize(grid).float().cpu(), module.formula)
             captured[site] = NormCapture(

@@ -18,12 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from fms_dyt.checkpoint import complete_checkpoints
 from fms_dyt.eval.report import REPORT_ERRORS, primary_scores, read_report
 from fms_dyt.metrics import Metrics, read_metrics
-from fms_dyt.norms import NormArgs
+from fms_dyt.norms import NORMS, NormArgs
 
 log = logging.getLogger("fms_dyt.analyze")
-
-NORM_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT", "derf": "Derf"}
-
 
 class AnalysisError(ValueError):
     """A RUN or option the analysis cannot use; the message says which and what to do."""
@@ -31,7 +28,8 @@ class AnalysisError(ValueError):
 
 def norm_name(norm: NormArgs) -> str:
     """"DyT", or "DyT, final RMSNorm" when the final norm is of another kind."""
-    name, final = (NORM_NAMES.get(k, k) for k in (norm.kind, norm.kind_at("final")))
+    # a kind this version does not know (a run of another version) by its key
+    name, final = (NORMS[k].display_name if k in NORMS else k for k in (norm.kind, norm.kind_at("final")))
     return name if final == name else f"{name}, final {final}"
 
 
@@ -85,13 +83,8 @@ class Run:
         return f"{norm_label(self.norm)} · {self.name}"
 
     @property
-    def is_dyt(self) -> bool:
-        """Whether any site is DyT."""
-        return "dyt" in self.norm.kinds()
-
-    @property
     def is_pointwise(self) -> bool:
-        """Whether any site is a point-wise norm with an α (DyT, Derf)."""
+        """Whether any site is a point-wise norm (with an α)."""
         return bool(self.norm.pointwise_sites())
 
 
