@@ -6,7 +6,7 @@ on; the tokenizer is timed encoding the very documents the pipeline delivers, in
 and batches, with as many threads as the pipeline has workers. The last line is
 ``ratio=<pipeline tokens/s / tokenizer tokens/s>``; the pipeline should reach 0.8.
 
-    python bench/data_throughput.py [--quick] [--workers 1]
+    python bench/data_throughput.py [--quick] [--workers 1]   # --workers 0: no process boundary
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def measure(quick: bool = False, workers: int = 1) -> dict:
     rounds, tokens = (1, 1_500_000) if quick else (3, 4_000_000)
     tok, pipe, startup = [], [], []
     for _ in range(rounds):
-        tok.append(_tokenizer_rate(data, tokens, workers))
+        tok.append(_tokenizer_rate(data, tokens, max(1, workers)))  # 0 workers: the pipeline in this process
         rate, start = _pipeline_rate(data, tokens)
         pipe.append(rate)
         startup.append(start)
@@ -88,11 +88,12 @@ def measure(quick: bool = False, workers: int = 1) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one round of 1.5M tokens instead of three of 4M")
-    ap.add_argument("--workers", type=int, default=1, help="pipeline workers = tokenizer threads (default 1)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="pipeline workers = tokenizer threads (default 1; 0: the pipeline in this process, one thread)")
     ap.add_argument("--json", action="store_true", help="also print the measurements as JSON")
     a = ap.parse_args(argv)
     r = measure(a.quick, a.workers)
-    print(f"tokenizer alone (sentencepiece, {a.workers} thread(s), same documents): "
+    print(f"tokenizer alone (sentencepiece, {max(1, a.workers)} thread(s), same documents): "
           f"{r['tokenizer_tokens_per_s']:,.0f} tokens/s")
     print(f"pipeline ({a.workers} DataLoader worker(s): zstd JSON lines, shuffle, tokenize, pack "
           f"{MICRO_BATCH}x{SEQ_LEN + 1}): {r['pipeline_tokens_per_s']:,.0f} tokens/s "
