@@ -38,7 +38,9 @@ def _pipeline_rate(data, tokens: int) -> tuple[float, float]:
 
 
 def _tokenizer_rate(data, tokens: int, threads: int) -> float:
-    """Encode the documents of the pipeline's first reader, as its workers do (16 per call)."""
+    """Encode the documents of the pipeline's first reader: one thread as a worker does (a call
+    per document, fms_dyt.data.tokenizer.TextEncoder), several with SentencePiece's own thread
+    pool over 16 documents a thread."""
     import sentencepiece
 
     from fms_dyt.data import TokenizerConfig
@@ -58,7 +60,8 @@ def _tokenizer_rate(data, tokens: int, threads: int) -> float:
     step = 16 * threads
     t0, done = time.perf_counter(), 0
     for i in range(0, len(texts), step):
-        encoded = sp.encode(texts[i:i + step], num_threads=threads)
+        chunk = texts[i:i + step]
+        encoded = [sp.encode(text) for text in chunk] if threads == 1 else sp.encode(chunk, num_threads=threads)
         done += sum(len(ids) + 2 for ids in encoded)  # + BOS and EOS, as the pipeline counts them
         if done >= tokens:
             break

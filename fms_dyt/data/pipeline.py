@@ -246,7 +246,7 @@ class Reader:
                 self.suffix = [self.encoder.eos_id] if self.p.tokenizer.add_eos else []
             todo = [d for d in self.block[self.emit:self.emit + _TOKENIZE_AHEAD] if d.tokens is None]
             for d, ids in zip(todo, self.encoder.encode([d.text for d in todo])):
-                d.tokens = np.array(self.prefix + ids + self.suffix, dtype=np.int64)
+                d.tokens = self.prefix + ids + self.suffix  # a list: batches() converts them all at once
                 d.text = None
         if self.cur_off == 0 and self.cut_documents:
             self.cur_off = self.cut_documents.pop((self._piece(doc), doc.row, doc.copy), 0)
@@ -276,8 +276,7 @@ class Reader:
         """(windows [micro_batch_size, seq_len + 1], state after them, bad-input events, spans)."""
         need = self.p.micro_batch_size * (self.p.seq_len + 1)
         while True:
-            out = np.empty(need, dtype=np.int64)
-            n, spans = 0, []
+            parts, n, spans = [], 0, []
             while n < need:
                 doc = self._current()
                 off, length = self.cur_off, len(doc.tokens)
@@ -285,7 +284,7 @@ class Reader:
                     self._finish(doc)
                     continue
                 take = min(length - off, need - n)
-                out[n:n + take] = doc.tokens[off:off + take]
+                parts.append(doc.tokens if take == length else doc.tokens[off:off + take])
                 if off == 0:
                     self.stats["documents"] += 1
                 if self.p.trace:
@@ -297,7 +296,9 @@ class Reader:
                     self._finish(doc)
             self.stats["tokens"] += need
             events, self.events = self.events, []
-            yield out.reshape(self.p.micro_batch_size, self.p.seq_len + 1), self.snapshot(), events, spans
+            # one conversion of the batch's token lists: a numpy array per document cost more
+            windows = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=need)
+            yield windows.reshape(self.p.micro_batch_size, self.p.seq_len + 1), self.snapshot(), events, spans
 
     def snapshot(self) -> dict:
         """The reader state (``state.py``): a JSON object of a few numbers per run of pieces."""

@@ -46,14 +46,18 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
 _TAG_FILES, _TAG_ROTATE, _TAG_KEY, _TAG_COPY = 1, 2, 3, 4
 _PACKERS: dict = {}
+_blake2b = hashlib.blake2b
 
 
 def mix(*values: int) -> int:
     """A 63-bit hash of integers, identical on every machine and Python version."""
     # called twice per document (its key, the held-out test): the packer is made once per arity
     pack = _PACKERS.get(len(values)) or _PACKERS.setdefault(len(values), struct.Struct(f"<{len(values)}Q").pack)
-    data = pack(*[v & _MASK for v in values])
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+    try:
+        data = pack(*values)
+    except struct.error:  # a negative value (a seed): hashed as its 64-bit two's complement
+        data = pack(*[v & _MASK for v in values])
+    return int.from_bytes(_blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def doc_key(seed: int, epoch: int, f: int, row: int, copy: int) -> int:
