@@ -38,7 +38,7 @@ from fms_dyt.stop import ignore_in_worker
 log = logging.getLogger(__name__)
 
 COUNTERS = ("documents", "tokens", "skipped_rows", "skipped_files", "held_out")
-_TOKENIZE_AHEAD = 16  # documents encoded per tokenizer call
+_TOKENIZE_AHEAD = 16  # documents tokenized together, ahead of the packing
 _LOGGED_ROWS = 100  # bad rows logged at WARNING per reader; the rest at DEBUG (all are counted)
 _MAX_EMPTY_EPOCHS = 8
 
