@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from functools import partial
 
 SEQ_LEN, MICRO_BATCH = 4096, 2
 
@@ -38,15 +39,14 @@ def _pipeline_rate(data, tokens: int) -> tuple[float, float]:
 
 
 def _tokenizer_rate(data, tokens: int, threads: int) -> float:
-    """Encode the documents of the pipeline's first reader: one thread as a worker does (a call
-    per document, fms_dyt.data.tokenizer.TextEncoder), several with SentencePiece's own thread
-    pool over 16 documents a thread."""
+    """Encode the documents of the pipeline's first reader: one thread with a worker's own encoder
+    (``TextEncoder``), several with SentencePiece's thread pool over 16 documents a thread."""
     import sentencepiece
 
     from fms_dyt.data import TokenizerConfig
     from fms_dyt.data.pipeline import PackedLoader, Reader
     from fms_dyt.data.state import fresh_reader_state
-    from fms_dyt.data.tokenizer import default_model_file
+    from fms_dyt.data.tokenizer import TextEncoder, default_model_file
 
     loader = PackedLoader(replace(data, num_workers=0, readers=None), TokenizerConfig(), seq_len=SEQ_LEN,
                           micro_batch_size=MICRO_BATCH, seed=0, rank=0, world_size=1)
@@ -56,12 +56,15 @@ def _tokenizer_rate(data, tokens: int, threads: int) -> float:
         chars += len(text)
         if chars > tokens * 6:  # comfortably more text than needed (~3-4 characters a token)
             break
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(default_model_file()))
+    if threads == 1:
+        encode = TextEncoder(TokenizerConfig()).encode
+    else:
+        encode = partial(sentencepiece.SentencePieceProcessor(model_file=str(default_model_file())).encode,
+                         num_threads=threads)
     step = 16 * threads
     t0, done = time.perf_counter(), 0
     for i in range(0, len(texts), step):
-        chunk = texts[i:i + step]
-        encoded = [sp.encode(text) for text in chunk] if threads == 1 else sp.encode(chunk, num_threads=threads)
+        encoded = encode(texts[i:i + step])
         done += sum(len(ids) + 2 for ids in encoded)  # + BOS and EOS, as the pipeline counts them
         if done >= tokens:
             break
@@ -77,14 +80,15 @@ def measure(quick: bool = False, workers: int = 1) -> dict:
     ensure_sample()
     data = DataConfig(name="sample", num_workers=workers)
     rounds, tokens = (1, 1_500_000) if quick else (3, 4_000_000)
+    threads = max(1, workers)  # 0 workers: the pipeline in this process, against one thread
     tok, pipe, startup = [], [], []
     for _ in range(rounds):
-        tok.append(_tokenizer_rate(data, tokens, max(1, workers)))  # 0 workers: the pipeline in this process
+        tok.append(_tokenizer_rate(data, tokens, threads))
         rate, start = _pipeline_rate(data, tokens)
         pipe.append(rate)
         startup.append(start)
     return {"tokenizer_tokens_per_s": max(tok), "pipeline_tokens_per_s": max(pipe),
-            "ratio": max(pipe) / max(tok), "workers": workers, "rounds": rounds, "tokens_per_round": tokens,
+            "ratio": max(pipe) / max(tok), "workers": workers, "tokenizer_threads": threads, "rounds": rounds, "tokens_per_round": tokens,
             "pipeline_startup_s": min(startup), "seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH}
 
 
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="also print the measurements as JSON")
     a = ap.parse_args(argv)
     r = measure(a.quick, a.workers)
-    print(f"tokenizer alone (sentencepiece, {max(1, a.workers)} thread(s), same documents): "
+    print(f"tokenizer alone (sentencepiece, {r['tokenizer_threads']} thread(s), same documents): "
           f"{r['tokenizer_tokens_per_s']:,.0f} tokens/s")
     print(f"pipeline ({a.workers} DataLoader worker(s): zstd JSON lines, shuffle, tokenize, pack "
           f"{MICRO_BATCH}x{SEQ_LEN + 1}): {r['pipeline_tokens_per_s']:,.0f} tokens/s "
