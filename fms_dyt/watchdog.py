@@ -41,6 +41,7 @@ from fms_dyt.failures import attempt_dir, node_name, write_rank_record
 
 log = logging.getLogger("fms_dyt")
 current: "Watchdog | None" = None  # this process's, for fms_dyt.failures.note_exit
+REPORT_WAIT_S = 30.0  # how long a second ``fire`` waits for the first's report (a file system can hang)
 
 
 class Watchdog:
@@ -59,6 +60,7 @@ class Watchdog:
         self.last_poll = self.last
         self.stalled_s = 0.0  # the longest time this thread could not run
         self._fired = threading.Lock()
+        self._reported = threading.Event()  # the stacks and the record of the first ``fire`` are written
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fms-dyt-watchdog", daemon=True)
 
@@ -116,7 +118,19 @@ class Watchdog:
     def fire(self, why: str, error: BaseException | None = None, exit_now: bool = True) -> None:
         """Dump every thread's stack, record the hang, and (``exit_now``) end the process with 4."""
         if not self._fired.acquire(blocking=False):
+            # another thread is writing this rank's report: the process must not end before it has
+            # (a main thread leaving as its watchdog fires would leave an empty stacks file behind)
+            self._reported.wait(REPORT_WAIT_S)
             return
+        try:
+            self._report(why, error)
+        finally:
+            self._reported.set()
+        if exit_now:
+            os._exit(EXIT_HUNG)  # the main thread is stuck: nothing else would end the process
+
+    def _report(self, why: str, error: BaseException | None) -> None:
+        """The stacks file, the rank's record and a line on stderr."""
         folder = attempt_dir(self.run_dir)
         path = folder / f"stacks_rank_{self.rank}.txt"
         message = (f"rank {self.rank} on {node_name()} hung after step {self.step or 0}: {why}; "
@@ -136,5 +150,3 @@ class Watchdog:
         write_rank_record(self.run_dir, self.rank, status="exited", exit_code=EXIT_HUNG, reason="hang",
                           message=message, step=self.step, stalled_s=round(self.stalled_s, 1))
         os.write(2, f"fms-dyt: {message}\n".encode())
-        if exit_now:
-            os._exit(EXIT_HUNG)  # the main thread is stuck: nothing else would end the process

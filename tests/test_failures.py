@@ -113,6 +113,35 @@ threading.Event().wait()  # the main thread hangs after step 5
     assert record["exit_code"] == 4 and record["reason"] == "hang" and record["step"] == 5
 
 
+def test_a_main_thread_leaving_while_its_watchdog_fires_waits_for_the_stacks(tmp_path):
+    # A stopped rank that runs again: its watchdog fires as its main thread leaves with its peers'
+    # error. The dump is slowed here so the main thread reaches note_exit while it is being written.
+    script = f"""
+import faulthandler, sys, threading, time, types
+from fms_dyt import failures, watchdog
+writing = threading.Event()
+def slow_dump(**kw):
+    writing.set()
+    time.sleep(1.0)
+    faulthandler.dump_traceback(**kw)
+watchdog.faulthandler = types.SimpleNamespace(dump_traceback=slow_dump)
+dog = watchdog.current = watchdog.Watchdog({str(tmp_path)!r}, rank=1, step_factor=5, min_s=0.5, startup_s=30)
+dog._thread.start()
+for step in range(1, 4):
+    time.sleep(0.05)
+    dog.step_done(step)
+writing.wait(30)
+sys.exit(failures.note_exit({str(tmp_path)!r}, 1, RuntimeError("a peer closed its connection")))
+"""
+    env = dict(os.environ, FMS_DYT_ATTEMPT="78.0", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == failures.EXIT_HUNG, done.stderr  # the watchdog's exit, after its report
+    stacks = (tmp_path / "failures" / "78.0" / "stacks_rank_1.txt").read_text()
+    assert "rank 1" in stacks and "hung after step 3" in stacks and 'File "<string>"' in stacks, stacks
+    record = json.loads((tmp_path / "failures" / "78.0" / "rank_1.json").read_text())
+    assert record["reason"] == "hang" and record["step"] == 3, record
+
+
 def test_preflight_names_the_node_whose_device_fails(monkeypatch):
     import torch
 
