@@ -88,7 +88,8 @@ def measure(quick: bool = False, workers: int = 1) -> dict:
         pipe.append(rate)
         startup.append(start)
     return {"tokenizer_tokens_per_s": max(tok), "pipeline_tokens_per_s": max(pipe),
-            "ratio": max(pipe) / max(tok), "workers": workers, "tokenizer_threads": threads, "rounds": rounds, "tokens_per_round": tokens,
+            "ratio": max(pipe) / max(tok), "workers": workers, "tokenizer_threads": threads, "rounds": rounds,
+            "tokens_per_round": tokens,
             "pipeline_startup_s": min(startup), "seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH}
 
 

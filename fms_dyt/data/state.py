@@ -46,7 +46,6 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
 _TAG_FILES, _TAG_ROTATE, _TAG_KEY, _TAG_COPY = 1, 2, 3, 4
 _PACKERS: dict = {}
-_blake2b = hashlib.blake2b
 
 
 def mix(*values: int) -> int:
@@ -57,7 +56,7 @@ def mix(*values: int) -> int:
         data = pack(*values)
     except struct.error:  # a negative value (a seed): hashed as its 64-bit two's complement
         data = pack(*[v & _MASK for v in values])
-    return int.from_bytes(_blake2b(data, digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def doc_key(seed: int, epoch: int, f: int, row: int, copy: int) -> int:

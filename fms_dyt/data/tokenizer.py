@@ -250,8 +250,7 @@ class TextEncoder:
             # One call per text (DataLoader workers are the parallelism): SentencePiece's call on a
             # list starts a thread pool every time, even for one thread, which cost a worker ~8% of
             # its documents per second on short documents (docs/performance.md)
-            encode = self._sp.encode
-            return [encode(text) for text in texts]
+            return [self._sp.encode(text) for text in texts]
         return [e.ids for e in self._hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
